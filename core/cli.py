@@ -1,0 +1,55 @@
+"""The `deqfusion` command: each subcommand lives in its own module and registers itself here.
+
+A module listed in COMMANDS exposes `register(subparsers)`; it is imported only when the CLI
+starts, so `deqfusion --help` stays fast and a missing optional extra names itself.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+# (module, what it adds) -- order is the order in --help.
+COMMANDS = [
+    "deqfusion.demo",            # demo / convergence: the paper's Table 9 and Fig. 3 on generated data
+    "deqfusion.upstream.cli",    # list / status / apply / check / revert / refresh (patched upstream clones)
+    "deqfusion.adapters.reproduce",  # reproduce <upstream>: the paper's tables on real data
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deqfusion",
+        description="Deep Equilibrium Multimodal Fusion: demos, upstream patching, reproductions.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:  # a subcommand whose module is not written yet, or a missing extra
+            if err.name and (err.name == name or name.startswith(err.name)):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pinned upstream clones and the patch series applied to them."""

@@ -11,6 +11,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -83,11 +84,14 @@ def git_message(err: Exception) -> str:
 
 def remove_tree(path: Path) -> None:
     """rmtree that also removes git's read-only object files (Windows)."""
-    def onerror(func, p, _exc):
+    def retry(func, p, _exc):
         os.chmod(p, stat.S_IWRITE)
         func(p)
 
-    shutil.rmtree(path, onerror=onerror)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=retry)
+    else:  # pragma: no cover - Python < 3.12
+        shutil.rmtree(path, onerror=retry)
 
 
 def _sparse_pattern(path: str) -> str:

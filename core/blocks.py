@@ -1,0 +1,82 @@
+"""The maps whose joint fixed point DEQ fusion finds (paper Eqs. 8-12).
+
+Features are channel-first, (B, C) or (B, C, *spatial); linear maps act on the channel axis and
+GroupNorm normalises each sample on its own, so no sample's result depends on the batch.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ChannelLinear", "ModalityBlock", "FusionBlock"]
+
+
+class ChannelLinear(nn.Linear):
+    """nn.Linear over the channel axis (dim 1) of a (B, C, *spatial) tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(x.shape[0], x.shape[1], -1)                     # (B, C, L)
+        out = torch.matmul(self.weight, flat)                            # (B, O, L)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1)
+        return out.reshape(x.shape[0], self.out_features, *x.shape[2:])
+
+
+class ModalityBlock(nn.Module):
+    """f_theta_i(z_i; x_i) = GN(ReLU(GN(Lin(ReLU(GN(Lin(z_i)))) + x_i) [+ z_i]))  (paper Eq. 8).
+
+    `residual=True` adds z_i before the last ReLU, as the authors' release does.
+    """
+
+    def __init__(self, dim: int, num_groups: int, residual: bool = True):
+        super().__init__()
+        self.lin1 = ChannelLinear(dim, dim)
+        self.norm1 = nn.GroupNorm(num_groups, dim)
+        self.lin2 = ChannelLinear(dim, dim)
+        self.norm2 = nn.GroupNorm(num_groups, dim)
+        self.norm3 = nn.GroupNorm(num_groups, dim)
+        self.residual = residual
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = F.relu(self.norm1(self.lin1(z)))
+        if mask is not None:                      # variational dropout: one mask for the whole solve
+            h = h * mask
+        h = self.norm2(self.lin2(h) + x)
+        if self.residual:
+            h = h + z
+        return self.norm3(F.relu(h))
+
+
+class FusionBlock(nn.Module):
+    """f_fuse(z_fuse; z_1..z_N, x_fuse)  (paper Eqs. 9-12).
+
+    Gate alpha_i = W_a(z_fuse + z_i) + b_a (one shared linear map, no sigmoid), purify
+    z'_i = alpha_i * z_fuse, combine GN(ReLU(W_f sum_i z'_i + b_f + x_fuse)). Without the gate
+    (Table 7 ablation) the modality states are combined directly: z'_i = z_i.
+    """
+
+    def __init__(self, dim: int, num_groups: int, gate: bool = True):
+        super().__init__()
+        self.gate = ChannelLinear(dim, dim) if gate else None
+        self.fuse = ChannelLinear(dim, dim)
+        self.norm = nn.GroupNorm(num_groups, dim)
+
+    def forward(self, z_fuse: torch.Tensor, z_modalities: List[torch.Tensor], x_fuse: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.gate is not None:
+            # sum_i W_a(z_fuse + z_i) + b_a == W_a(N z_fuse + sum_i z_i) + N b_a: one matmul, not N
+            n = len(z_modalities)
+            alpha_sum = self.gate(n * z_fuse + sum(z_modalities))
+            if n > 1:
+                alpha_sum = alpha_sum + (n - 1) * self.gate.bias.view(1, -1, *([1] * (z_fuse.dim() - 2)))
+            total = alpha_sum * z_fuse
+        else:
+            total = sum(z_modalities)
+        if mask is not None:
+            total = total * mask
+        return self.norm(F.relu(self.fuse(total) + x_fuse))

@@ -1,0 +1,250 @@
+"""DEQFusion: the paper's fusion layer (Ni et al., 2023, Eqs. 7-13) as one nn.Module."""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .backward import implicit_backward
+from .blocks import ChannelLinear, FusionBlock, ModalityBlock
+from .config import FusionConfig
+from .jacobian import jacobian_frobenius
+from .solvers import ConvergenceTracker, SolverStats, Status, solve
+
+__all__ = ["DEQFusion", "FusionOutput"]
+
+log = logging.getLogger(__name__)
+
+
+class FusionOutput(NamedTuple):
+    """`fused` (B, dim, *spatial); `jac_loss` unweighted scalar (zero in eval or when disabled);
+    `stats` per-sample solver statistics. Unpacks as a plain 3-tuple."""
+
+    fused: torch.Tensor
+    jac_loss: torch.Tensor
+    stats: SolverStats
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _compiler_disable(fn):
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    if disable is None:  # pragma: no cover - torch < 2.1
+        from torch import _dynamo
+
+        disable = _dynamo.disable
+    return disable(fn)
+
+
+@_compiler_disable
+def _attach_implicit_grad(f, z_star: torch.Tensor, cfg: FusionConfig, stats: SolverStats, with_jac: bool):
+    """One differentiable evaluation f(z*), the Jacobian term, and the implicit backward.
+
+    Kept out of torch.compile graphs: the Jacobian term needs double backward, which compiled
+    (aot_autograd) graphs do not support, and the adjoint solve re-enters autograd.
+    """
+    z_star = z_star.detach().requires_grad_()
+    fz = f(z_star)
+    jac = jacobian_frobenius(fz, z_star, probes=cfg.jac_probes) if with_jac else None
+    fz = implicit_backward(fz, z_star, solver=cfg.b_solver, solver_kwargs=cfg.solver_kwargs("b"),
+                           sink=lambda s: setattr(stats, "backward", s))
+    return fz, jac
+
+
+class DEQFusion(nn.Module):
+    """Fuse N modality features into one by finding the joint fixed point of the paper's maps.
+
+    >>> fusion = DEQFusion(dim=512, num_modalities=2)
+    >>> fused, jac_loss, stats = fusion([x_text, x_image])     # each (B, 512) or (B, 512, *spatial)
+
+    Options are keyword-only and validated (see `FusionConfig` for every option and its default):
+    `in_dims` projects inputs of other widths to `dim`; `ablation` selects a row of the paper's
+    Tables 6/7; `mode="unrolled"` with `unroll_steps=k` is the weight-tied network of Fig. 3.
+    """
+
+    def __init__(self, dim: int, num_modalities: int, **options: Any):
+        super().__init__()
+        cfg = FusionConfig.from_kwargs(dim, num_modalities, **options)
+        self.config = cfg
+        in_dims = cfg.in_dims or (dim,) * num_modalities
+        self.in_dims = tuple(in_dims)
+        self.projections = nn.ModuleList(ChannelLinear(d, dim) if d != dim else nn.Identity() for d in in_dims)
+        solving = cfg.solve_kind != "none"
+        uses_x_fuse = cfg.solve_kind == "none" or cfg.use_fusion_block
+        # learnable weighted sum x_fuse = sum_i w_i x_i + b, the fused branch's injection
+        self.modality_weights = nn.Parameter(torch.ones(num_modalities)) if uses_x_fuse else None
+        self.fuse_bias = nn.Parameter(torch.zeros(1)) if uses_x_fuse else None
+        self.modality_blocks = (
+            nn.ModuleList(ModalityBlock(dim, cfg.num_groups, cfg.block_residual) for _ in range(num_modalities))
+            if solving and cfg.use_modality_blocks else None
+        )
+        self.fusion_block = FusionBlock(dim, cfg.num_groups, gate=cfg.use_gate) if solving and cfg.use_fusion_block else None
+
+    # ------------------------------------------------------------------ public
+    def forward(self, features: Sequence[torch.Tensor]) -> FusionOutput:
+        xs = self._check_inputs(features)
+        xs = [proj(x) for proj, x in zip(self.projections, xs)]
+        x_fuse = self._weighted_sum(xs) if self.modality_weights is not None else None
+        batch, device = xs[0].shape[0], xs[0].device
+        zero = torch.zeros((), device=device, dtype=torch.float32)
+        kind = self.config.solve_kind
+        if kind == "none":
+            return FusionOutput(x_fuse, zero, SolverStats.empty(batch, device))
+        masks = self._dropout_masks(xs)
+        if kind == "unrolled":
+            return self._unrolled(xs, x_fuse, masks, zero)
+        return self._deq(xs, x_fuse, masks, zero)
+
+    # ------------------------------------------------------------------ the map
+    def _num_states(self) -> int:
+        return (self.config.num_modalities if self.modality_blocks is not None else 0) + (self.fusion_block is not None)
+
+    def _step(self, states: List[torch.Tensor], xs: List[torch.Tensor], x_fuse: Optional[torch.Tensor],
+              masks: List[Optional[torch.Tensor]]) -> List[torch.Tensor]:
+        """One application of the map: modality states first, then the fused state from them (Eq. 9)."""
+        n = self.config.num_modalities
+        if self.modality_blocks is not None:
+            zs = [blk(z, x, m) for blk, z, x, m in zip(self.modality_blocks, states[:n], xs, masks[:n])]
+        else:
+            zs = xs                               # f_theta = identity: z_i = x_i
+        if self.fusion_block is None:
+            return zs
+        z_fuse = self.fusion_block(states[-1], zs, x_fuse, masks[-1])
+        return (zs if self.modality_blocks is not None else []) + [z_fuse]
+
+    def _fused(self, states: List[torch.Tensor]) -> torch.Tensor:
+        return states[-1] if self.fusion_block is not None else sum(states)
+
+    def _weighted_sum(self, xs: List[torch.Tensor]) -> torch.Tensor:
+        w = self.modality_weights
+        return sum(w[i] * x for i, x in enumerate(xs)) + self.fuse_bias
+
+    def _dropout_masks(self, xs: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+        """Variational dropout: masks drawn once per forward, shared by every solver iteration."""
+        p = self.config.dropout
+        n = self.config.num_modalities + 1
+        if not self.training or p == 0.0:
+            return [None] * n
+        keep = 1.0 - p
+        return [torch.bernoulli(torch.full_like(xs[0], keep)) / keep for _ in range(n)]
+
+    # ------------------------------------------------------------------ solves
+    def _state_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if _autocast_enabled(x.device.type):
+            return torch.promote_types(x.dtype, torch.float32)
+        return x.dtype
+
+    def _packers(self, like: torch.Tensor):
+        k = self._num_states()
+        batch, rest = like.shape[0], like.shape[1:]
+
+        def pack(states: List[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(states, dim=1).reshape(batch, -1)
+
+        def unpack(flat: torch.Tensor) -> List[torch.Tensor]:
+            return list(flat.view(batch, k, *rest).unbind(1))
+
+        return pack, unpack
+
+    def _deq(self, xs, x_fuse, masks, zero) -> FusionOutput:
+        cfg = self.config
+        pack, unpack = self._packers(xs[0])
+
+        def f(flat: torch.Tensor) -> torch.Tensor:
+            return pack(self._step(unpack(flat), xs, x_fuse, masks)).to(flat.dtype)
+
+        batch = xs[0].shape[0]
+        z0 = torch.zeros(batch, self._num_states() * xs[0][0].numel(), device=xs[0].device,
+                         dtype=self._state_dtype(xs[0]))
+        with torch.no_grad():
+            z_star, fz_star, stats = solve(cfg.f_solver, f, z0, **cfg.solver_kwargs("f"))
+        needs_grad = torch.is_grad_enabled() and (
+            any(p.requires_grad for p in self.parameters()) or any(x.requires_grad for x in xs))
+        jac_loss = zero
+        if needs_grad:
+            with_jac = self.training and cfg.jac_reg and (cfg.jac_freq >= 1.0 or random.random() < cfg.jac_freq)
+            fz, jac = _attach_implicit_grad(f, z_star, cfg, stats, with_jac)
+            jac_loss = jac if jac is not None else zero
+        else:
+            fz = fz_star
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("DEQFusion forward: %s", stats.summary())
+        return FusionOutput(self._fused(unpack(fz)), jac_loss, stats)
+
+    def _unrolled(self, xs, x_fuse, masks, zero) -> FusionOutput:
+        """Weight-tied network: unroll_steps applications of the map from zeros, backprop through all."""
+        cfg = self.config
+        pack, _ = self._packers(xs[0])
+        dtype = self._state_dtype(xs[0])
+        states = [torch.zeros_like(xs[0], dtype=dtype) for _ in range(self._num_states())]
+        # tol -1: no sample "stops" -- every step is traced (Fig. 3); the status is judged at the end
+        tracker = ConvergenceTracker(pack(states), max_iter=cfg.unroll_steps, tol=-1.0, stop_mode=cfg.f_stop_mode,
+                                     divergence_factor=float("inf"), keep_fz=False)
+        for _ in range(cfg.unroll_steps):
+            new = self._step(states, xs, x_fuse, masks)
+            with torch.no_grad():
+                tracker.update(pack(states).detach(), pack(new).detach())
+            states = new
+        _, _, stats = tracker.finish("unrolled")
+        stats.abs_lowest, stats.rel_lowest = stats.abs_trace[:, -1], stats.rel_trace[:, -1]
+        final = stats.abs_lowest if cfg.f_stop_mode == "abs" else stats.rel_lowest
+        stats.status = torch.where(final <= cfg.f_tol, torch.full_like(stats.status, int(Status.CONVERGED)), stats.status)
+        stats.tol = cfg.f_tol
+        return FusionOutput(self._fused(states), zero, stats)
+
+    # ------------------------------------------------------------------ input checks
+    def _check_inputs(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        cfg = self.config
+        if isinstance(features, torch.Tensor) or not isinstance(features, (list, tuple)):
+            raise TypeError(f"DEQFusion expects a list of {cfg.num_modalities} tensors (one per modality), "
+                            f"got {type(features).__name__}")
+        if len(features) != cfg.num_modalities:
+            raise ValueError(f"DEQFusion was built for num_modalities={cfg.num_modalities} but got "
+                             f"{len(features)} tensors; pass one tensor per modality or rebuild with "
+                             f"num_modalities={len(features)}")
+        first = features[0]
+        for i, x in enumerate(features):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"modality {i}: expected a torch.Tensor, got {type(x).__name__}")
+            if x.dim() < 2:
+                raise ValueError(f"modality {i}: expected (batch, channels, *spatial), got shape {tuple(x.shape)}; "
+                                 f"add a batch dimension with x.unsqueeze(0)")
+            if not x.is_floating_point():
+                raise TypeError(f"modality {i}: expected a floating-point tensor, got {x.dtype}; call .float()")
+            if x.device != first.device:
+                raise ValueError(f"modality {i} is on {x.device} but modality 0 is on {first.device}; "
+                                 f"move all inputs to one device")
+            if x.dtype != first.dtype:
+                raise TypeError(f"modality {i} is {x.dtype} but modality 0 is {first.dtype}; cast all inputs to one dtype")
+            if x.shape[0] != first.shape[0]:
+                raise ValueError(f"batch sizes differ: modality 0 has {first.shape[0]} samples, modality {i} has "
+                                 f"{x.shape[0]}; every modality must describe the same samples")
+            if x.shape[1] != self.in_dims[i]:
+                raise ValueError(f"modality {i} has {x.shape[1]} channels but DEQFusion expects {self.in_dims[i]} "
+                                 f"(dim 1 is channels); pass in_dims=[...] with this width, or check the channel-first layout")
+            if x.shape[2:] != first.shape[2:]:
+                raise ValueError(f"spatial shapes differ: modality 0 has {tuple(first.shape[2:])}, modality {i} has "
+                                 f"{tuple(x.shape[2:])}; resample the features to one spatial size")
+        if first.shape[0] == 0:
+            raise ValueError("empty batch: DEQFusion got 0 samples; skip the call for an empty batch")
+        param = next(self.parameters(), None)
+        if param is not None and param.device != first.device:
+            raise ValueError(f"inputs are on {first.device} but DEQFusion's parameters are on {param.device}; "
+                             f"call fusion.to({str(first.device)!r}) or move the inputs")
+        if param is not None and param.dtype != first.dtype and not _autocast_enabled(first.device.type):
+            raise TypeError(f"inputs are {first.dtype} but DEQFusion's parameters are {param.dtype}; call "
+                            f"fusion.to({first.dtype}) or cast the inputs (or run under torch.autocast)")
+        return list(features)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"dim={c.dim}, num_modalities={c.num_modalities}, ablation={c.ablation!r}, mode={c.solve_kind!r}, "
+                f"f_solver={c.f_solver!r}, f_max_iter={c.f_max_iter}, f_tol={c.f_tol:g}, f_stop_mode={c.f_stop_mode!r}")

@@ -1,0 +1,88 @@
+"""Limited-memory ("good") Broyden with per-sample stopping.
+
+The inverse Jacobian of g(z) = f(z) - z is approximated as -I + sum_j u_j v_j^T with at most
+`memory` rank-one terms kept in a ring, so memory is bounded by `memory`, not by max_iter
+(locuslab/deq issue #28). Full steps, no line search.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .stats import ConvergenceTracker, SolverStats, should_stop
+
+
+def _matvec(U: torch.Tensor, V: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(-I + U^T V) x for each sample: U, V (B, m, D), x (B, D)."""
+    coeff = torch.bmm(V, x.unsqueeze(2))              # (B, m, 1): v_j . x
+    return -x + torch.bmm(U.transpose(1, 2), coeff).squeeze(2)
+
+
+def _rmatvec(U: torch.Tensor, V: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x^T (-I + U^T V) for each sample."""
+    coeff = torch.bmm(U, x.unsqueeze(2))              # (B, m, 1): u_j . x
+    return -x + torch.bmm(V.transpose(1, 2), coeff).squeeze(2)
+
+
+def broyden(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-3,
+    stop_mode: str = "abs",
+    memory: int = 30,
+    check_every: int = 1,
+    divergence_factor: float = 1e4,
+    keep_fz: bool = True,
+) -> Tuple[torch.Tensor, SolverStats]:
+    """Find z = f(z) from z0 (B, D) with Broyden's method. Returns (z*, stats)."""
+    z, _fz, stats = _broyden(f, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, memory=memory,
+                             check_every=check_every, divergence_factor=divergence_factor, keep_fz=keep_fz)
+    return z, stats
+
+
+def _broyden(f, z0, *, max_iter, tol, stop_mode, memory=30, check_every=1, divergence_factor=1e4,
+             keep_fz=True) -> Tuple[torch.Tensor, Optional[torch.Tensor], SolverStats]:
+    if memory < 1:
+        raise ValueError(f"broyden: memory must be >= 1, got {memory}")
+    tracker = ConvergenceTracker(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
+                                 divergence_factor=divergence_factor, keep_fz=keep_fz)
+    batch = z0.shape[0]
+    shape = z0.shape
+    x = z0.reshape(batch, -1)
+    U = x.new_zeros(batch, memory, x.shape[1])
+    V = x.new_zeros(batch, memory, x.shape[1])
+    fx = f(x.view(shape)).reshape(batch, -1)
+    active = tracker.update(x.view(shape), fx.view(shape))
+    gx = fx - x
+    update = gx                                        # -(-I) g: the first step is a plain one
+    tiny = torch.finfo(x.dtype).tiny ** 0.5
+    for k in range(1, max_iter):
+        if should_stop(tracker, k - 1, check_every):
+            break
+        step_ok = active & torch.isfinite(update).all(dim=1)
+        x_new = torch.where(step_ok.view(-1, 1), x + update, x)
+        fx_new = f(x_new.view(shape)).reshape(batch, -1)
+        active = tracker.update(x_new.view(shape), fx_new.view(shape))
+        gx_new = fx_new - x_new
+        dx = x_new - x
+        dg = gx_new - gx
+        vT = _rmatvec(U, V, dx)
+        denom = (vT * dg).sum(dim=1, keepdim=True)
+        u = (dx - _matvec(U, V, dg)) / torch.where(denom.abs() > tiny, denom, torch.ones_like(denom))
+        good = (denom.abs() > tiny).squeeze(1) & step_ok & torch.isfinite(u).all(dim=1) & torch.isfinite(vT).all(dim=1)
+        slot = (k - 1) % memory
+        U[:, slot] = torch.where(good.view(-1, 1), u, torch.zeros_like(u))
+        V[:, slot] = torch.where(good.view(-1, 1), vT, torch.zeros_like(vT))
+        # a sample whose new image is non-finite falls back to its best iterate and forgets its history
+        finite = torch.isfinite(gx_new).all(dim=1)
+        x = torch.where(finite.view(-1, 1), x_new, tracker.best_z.reshape(batch, -1))
+        gx = torch.where(finite.view(-1, 1), gx_new, tracker.best_fz.reshape(batch, -1) - x
+                         if tracker.best_fz is not None else torch.zeros_like(gx_new))
+        reset = (~finite).view(-1, 1, 1)
+        U = torch.where(reset, torch.zeros_like(U), U)
+        V = torch.where(reset, torch.zeros_like(V), V)
+        update = -_matvec(U, V, gx)
+    return tracker.finish("broyden")

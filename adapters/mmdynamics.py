@@ -1,0 +1,206 @@
+"""DEQ fusion for MM-Dynamics (Han et al., CVPR 2022), the paper's BRCA baseline.
+
+MM-Dynamics encodes each omics view to ``hidden`` features, scales them by the view's TCP
+confidence, concatenates the views and classifies the ``views * hidden`` vector.  The patch in
+``patches/mmdynamics/`` replaces the concatenation with this adapter's fusion module:
+
+    self.fusion = deq_adapter.build_fusion(self.views, hidden_dim[0])            # __init__
+    LinearLayer(deq_adapter.fused_width(self.fusion, self.views, hidden), C)    # classifier
+    MMfeature, jac_term = deq_adapter.fuse(self.fusion, list_of_views)          # forward
+    MMLoss = MMLoss + jac_term                                                  # loss
+
+``train_test.py`` builds the model as ``MMDynamic(dim_list, hidden_dim, num_class, dropout=0.5)``,
+so the settings cannot come through the constructor.  They come, in this order, from
+
+1. ``configure(settings)`` (a context manager the runner uses), else
+2. environment variables (a plain ``python main.py`` on the patched clone):
+
+   ``DEQFUSION_MMD_FUSION``      ``deq`` (default) or ``concat`` (the unchanged upstream model)
+   ``DEQFUSION_MMD_ABLATION``    a row of the paper's Tables 6/7 (``full``, ``no_gate``, ...)
+   ``DEQFUSION_MMD_JAC_WEIGHT``  weight of the Jacobian loss (default 20, the paper's BRCA value)
+   ``DEQFUSION_MMD_OPTIONS``     other DEQFusion options, ``key=value,key=value``
+                                 (e.g. ``f_max_iter=50,f_tol=1e-4``); unknown keys are an error.
+
+With ``fusion="concat"`` no module is built and ``fuse`` is ``torch.cat`` with a zero loss term:
+the patched model then has exactly the upstream's parameters, initialisation and outputs.
+
+Defaults follow the paper's BRCA setting (Appendix B and the authors' ``main.py`` command):
+Anderson forward solver, at most 105 steps (``--f_thres=105``), backward at most 106 steps,
+Jacobian weight 20.  The DEQ fusion outputs ``hidden`` features, so the classifier shrinks from
+``views * hidden`` to ``hidden`` inputs, as in the authors' release.
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Settings", "configure", "current_settings", "build_fusion", "fused_width", "fuse",
+    "MMDynamicsFusion", "FUSIONS", "PAPER_DEFAULTS",
+]
+
+FUSIONS = ("deq", "concat")
+ENV_PREFIX = "DEQFUSION_MMD_"
+# The paper's BRCA settings for the DEQFusion options (forward/backward step limits).
+PAPER_DEFAULTS: Dict[str, Any] = {"f_max_iter": 105, "b_max_iter": 106}
+PAPER_JAC_WEIGHT = 20.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the patched MMDynamic builds. ``options`` go to DEQFusion unchanged (validated there)."""
+
+    fusion: str = "deq"
+    ablation: str = "full"
+    jac_weight: float = PAPER_JAC_WEIGHT
+    options: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"MM-Dynamics fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.jac_weight < 0:
+            raise ValueError(f"jac_weight must be >= 0, got {self.jac_weight}")
+        for key in ("dim", "num_modalities", "ablation"):
+            if key in self.options:
+                raise ValueError(f"option {key!r} is set by the adapter; "
+                                 + ("use Settings(ablation=...)" if key == "ablation" else "do not pass it"))
+
+    def fusion_kwargs(self) -> Dict[str, Any]:
+        kw = dict(PAPER_DEFAULTS)
+        kw.update(self.options)
+        kw["ablation"] = self.ablation
+        return kw
+
+    def describe(self) -> str:
+        if self.fusion == "concat":
+            return "concatenation (upstream MM-Dynamics)"
+        extra = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"DEQ fusion [{self.ablation}], jac weight {self.jac_weight:g}" + (f", {extra}" if extra else "")
+
+
+_override: Optional[Settings] = None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _parse_options(text: str) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        if "=" not in item:
+            raise ValueError(f"{ENV_PREFIX}OPTIONS: expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def settings_from_env(environ: Optional[Dict[str, str]] = None) -> Settings:
+    env = os.environ if environ is None else environ
+    kw: Dict[str, Any] = {}
+    if env.get(ENV_PREFIX + "FUSION"):
+        kw["fusion"] = env[ENV_PREFIX + "FUSION"].strip().lower()
+    if env.get(ENV_PREFIX + "ABLATION"):
+        kw["ablation"] = env[ENV_PREFIX + "ABLATION"].strip()
+    if env.get(ENV_PREFIX + "JAC_WEIGHT"):
+        kw["jac_weight"] = float(env[ENV_PREFIX + "JAC_WEIGHT"])
+    if env.get(ENV_PREFIX + "OPTIONS"):
+        kw["options"] = _parse_options(env[ENV_PREFIX + "OPTIONS"])
+    return Settings(**kw)
+
+
+def current_settings() -> Settings:
+    return _override if _override is not None else settings_from_env()
+
+
+@contextlib.contextmanager
+def configure(settings: Optional[Settings] = None, **changes: Any) -> Iterator[Settings]:
+    """Within the block, models built by the patched MMDynamic use these settings (not the environment)."""
+    global _override
+    chosen = replace(settings or Settings(), **changes) if changes else (settings or Settings())
+    previous, _override = _override, chosen
+    try:
+        yield chosen
+    finally:
+        _override = previous
+
+
+class MMDynamicsFusion(nn.Module):
+    """DEQFusion over MM-Dynamics' confidence-weighted view features, returning the weighted Jacobian term.
+
+    ``last_stats`` holds the solver statistics of the latest forward (detached), so that a runner
+    can report convergence without touching the upstream loop.
+    """
+
+    def __init__(self, num_views: int, hidden: int, settings: Settings):
+        super().__init__()
+        from deqfusion import DEQFusion  # imported here so the concat baseline needs no core
+
+        self.settings = settings
+        self.jac_weight = float(settings.jac_weight)
+        self.deq = DEQFusion(dim=int(hidden), num_modalities=int(num_views), **settings.fusion_kwargs())
+        self.last_stats = None
+        self.last_jac_loss: Optional[float] = None
+
+    def forward(self, features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        out = self.deq(list(features))
+        self.last_stats = out.stats
+        self.last_jac_loss = float(out.jac_loss.detach()) if self.training else None
+        return out.fused, self.jac_weight * out.jac_loss
+
+    def extra_repr(self) -> str:
+        return self.settings.describe()
+
+
+def build_fusion(num_views: int, hidden: int, settings: Optional[Settings] = None) -> Optional[MMDynamicsFusion]:
+    """The module the patched ``MMDynamic.__init__`` stores as ``self.fusion`` (None = concatenation)."""
+    settings = settings or current_settings()
+    if settings.fusion == "concat":
+        return None
+    return MMDynamicsFusion(num_views, hidden, settings)
+
+
+def fused_width(fusion: Optional[nn.Module], num_views: int, hidden: int) -> int:
+    """Input width of MM-Dynamics' classifier: views*hidden for concatenation, hidden for DEQ fusion."""
+    return num_views * hidden if fusion is None else hidden
+
+
+def fuse(fusion: Optional[nn.Module], features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Union[torch.Tensor, float]]:
+    """(fused features, loss term to add to MMLoss). Concatenation adds exactly 0.0."""
+    if fusion is None:
+        return torch.cat(list(features), dim=1), 0.0
+    return fusion(features)
+
+
+def stats_summary(fusion: Optional[nn.Module]) -> Dict[str, Any]:
+    """A JSON-able summary of the latest solve of a model's fusion (empty for concatenation)."""
+    stats = getattr(fusion, "last_stats", None)
+    if stats is None:
+        return {}
+    out: Dict[str, Any] = {
+        "nstep_mean": float(stats.nstep.float().mean()),
+        "nstep_max": int(stats.nstep.max()) if stats.nstep.numel() else 0,
+        "abs_residual_max": float(stats.abs_lowest.max()) if stats.abs_lowest.numel() else 0.0,
+        "rel_residual_max": float(stats.rel_lowest.max()) if stats.rel_lowest.numel() else 0.0,
+    }
+    counts = getattr(stats, "counts", None)
+    if callable(counts):
+        out["status"] = counts()
+    if getattr(fusion, "last_jac_loss", None) is not None:
+        out["jac_loss"] = fusion.last_jac_loss
+    return out
+
+
+def model_fusion(model: nn.Module) -> Optional[nn.Module]:
+    """The fusion module of a patched MMDynamic (None for concatenation or an unpatched model)."""
+    return getattr(model, "fusion", None)
+

@@ -1,19 +1,34 @@
 """deqfusion: Deep Equilibrium Multimodal Fusion (Ni et al., 2023) -- one tested core.
 
     from deqfusion import DEQFusion
-    out = DEQFusion(dim=512, num_modalities=2)([x_text, x_image])
-    fused, jac_loss, stats = out
-"""
-from .solvers import SolverStats, Status, anderson, broyden, fixed_point_iter
+    fused, jac_loss, stats = DEQFusion(dim=512, num_modalities=2)([x_text, x_image])
 
-__all__ = ["SolverStats", "Status", "anderson", "broyden", "fixed_point_iter"]
+Names are imported lazily, so that `deqfusion.upstream` (the patch tool) starts without torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-try:  # the layer is importable once written; the solvers never depend on it
-    from .config import ABLATIONS, FusionConfig  # noqa: F401
-    from .layer import DEQFusion, FusionOutput  # noqa: F401
+_EXPORTS = {
+    "DEQFusion": "layer", "FusionOutput": "layer",
+    "FusionConfig": "config", "ABLATIONS": "config", "ConfigError": "config",
+    "SolverStats": "solvers", "Status": "solvers", "anderson": "solvers", "broyden": "solvers",
+    "fixed_point_iter": "solvers", "solve": "solvers",
+}
+__all__ = sorted(_EXPORTS)
 
-    __all__ += ["DEQFusion", "FusionOutput", "FusionConfig", "ABLATIONS"]
-except ImportError as _err:  # pragma: no cover - only while the layer is absent
-    if "deqfusion.config" not in str(_err) and "deqfusion.layer" not in str(_err) and "config" not in str(_err):
-        raise
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deqfusion' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -197,6 +197,10 @@ def stats_summary(fusion: Optional[nn.Module]) -> Dict[str, Any]:
         out["status"] = counts()
     if getattr(fusion, "last_jac_loss", None) is not None:
         out["jac_loss"] = fusion.last_jac_loss
+    back = getattr(stats, "backward", None)  # the adjoint solve, once backward has run
+    if back is not None and back.nstep.numel():
+        out["backward"] = {"nstep_mean": float(back.nstep.float().mean()), "nstep_max": int(back.nstep.max()),
+                           "rel_residual_max": float(back.rel_lowest.max()), "status": back.counts()}
     return out
 
 

@@ -405,7 +405,8 @@ def run_mmdynamics(args: argparse.Namespace) -> int:
     text += "\n".join(timing) + "\n"
     header = (f"# MM-Dynamics reproduction: {ds.name}\n\n`{meta['command']}`\n\n"
               f"Upstream {meta['environment']['upstream_commit'][:7]} (patched), data {data_dir}, seeds {seeds}; "
-              f"mean ± sample std (ddof=1) over seeds, metrics in %.\n\n")
+              f"mean ± sample std (ddof=1) over seeds, metrics in %.\n\n"
+              + "".join(f"- {r.title}: {r.settings.describe()}\n" for r in rows) + "\n")
     (out / "table.md").write_text(header + text)
     write_csv(out / "table.csv", summary, rows, cols)
     save(dict(extra, finished=_dt.datetime.now().isoformat(timespec="seconds"), total_wall_s=wall))

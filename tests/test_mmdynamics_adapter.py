@@ -72,6 +72,7 @@ def test_deq_fusion_module_shapes_and_stats():
     (fused.sum() + term).backward()
     summary = A.stats_summary(fusion)
     assert summary["nstep_max"] <= 20 and sum(summary["status"].values()) == 5 and "jac_loss" in summary
+    assert summary["backward"]["nstep_max"] >= 1 and sum(summary["backward"]["status"].values()) == 5
     fusion.eval()
     with torch.no_grad():
         _, term = A.fuse(fusion, xs)

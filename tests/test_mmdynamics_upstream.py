@@ -138,15 +138,15 @@ def rosmap():
 
 def test_upstream_loop_trains_deq_fusion_on_rosmap_cpu(clones, rosmap, tmp_path):
     pytest.importorskip("deqfusion.layer")
-    spec = R.RunSpec("ROSMAP", rosmap, seed=0, epochs=3, device="cpu",
-                     settings=A.Settings(options={"f_max_iter": 30, "b_max_iter": 30}), keep_model=True)
+    spec = R.RunSpec("ROSMAP", rosmap, seed=0, epochs=2, device="cpu", threads=1,
+                     settings=A.Settings(options={"f_max_iter": 20, "b_max_iter": 20}), keep_model=True)
     res = R.run(spec, clones["patched"], workdir=tmp_path)
-    assert res.epochs_trained == 3
+    assert res.epochs_trained == 2
     assert "Training..." in res.upstream_log and "Test: Epoch 0" in res.upstream_log  # the upstream's own prints
     assert (tmp_path / "ROSMAP" / "1_tr.csv").is_symlink() or (tmp_path / "ROSMAP" / "1_tr.csv").is_file()
-    assert [h["epoch"] for h in res.history] == [0, 2]  # the upstream's epoch-0 test, then the runner's final one
+    assert [h["epoch"] for h in res.history] == [0, 1]  # the upstream's epoch-0 test, then the runner's final one
     train, ev = res.fusion_stats["train"], res.fusion_stats["eval"]
-    assert 1 <= train["nstep_max"] <= 30 and sum(train["status"].values()) == 245 and train["jac_loss"] >= 0
+    assert 1 <= train["nstep_max"] <= 20 and sum(train["status"].values()) == 245 and train["jac_loss"] >= 0
     assert sum(ev["status"].values()) == 106
     assert set(res.metrics) == {"upstream", "test-best"} and 0 <= res.metrics["upstream"]["acc"] <= 100
     assert res.model.fusion is not None and len(res.test_inputs) == 3 and res.test_inputs[0].shape == (106, 200)
@@ -155,7 +155,7 @@ def test_upstream_loop_trains_deq_fusion_on_rosmap_cpu(clones, rosmap, tmp_path)
 
 
 def test_runner_val_protocol_and_modalities(clones, rosmap):
-    spec = R.RunSpec("ROSMAP", rosmap, seed=1, epochs=2, device="cpu", protocol="val", modalities=(0, 2),
+    spec = R.RunSpec("ROSMAP", rosmap, seed=1, epochs=2, device="cpu", threads=1, protocol="val", modalities=(0, 2),
                      settings=A.Settings(fusion="concat"), keep_model=True)
     res = R.run(spec, clones["patched"])
     assert res.model.views == 2 and res.model.MMClasifier[0].clf[0].in_features == 600
@@ -168,15 +168,15 @@ def test_reproduce_command_end_to_end(clones, rosmap, tmp_path):
     from deqfusion.cli import main
 
     out = tmp_path / "out"
-    code = main(["reproduce", "mmdynamics", "--dataset", "rosmap", "--seed-list", "0,1", "--epochs", "2",
+    code = main(["reproduce", "mmdynamics", "--dataset", "rosmap", "--seed-list", "0", "--epochs", "2",
                  "--data-dir", str(SHARED), "--upstream", str(clones["patched"]), "--out", str(out),
                  "--option", "f_max_iter=20", "--option", "b_max_iter=20", "--unroll-steps", "2",
-                 "--trace-steps", "12", "--device", "cpu", "--quiet"])
+                 "--trace-steps", "12", "--device", "cpu", "--threads", "1", "--quiet"])
     assert code == 0
     table = (out / "table.md").read_text()
     assert "MM-Dynamics (concatenation)" in table and "DEQ fusion" in table and "protocol `upstream`" in table
     assert "protocol `test-best`" in table and "step 10" in table and "± " in table
     res = json.loads((out / "results.json").read_text())
-    assert len(res["runs"]) == 5 and res["summary"]["upstream"]["deq:full"]["acc"][0] >= 0
+    assert len(res["runs"]) == 3 and res["summary"]["upstream"]["deq:full"]["acc"][0] >= 0
     assert (out / "convergence.png").stat().st_size > 1000 and (out / "table.csv").is_file()
-    assert len(list((out / "logs").glob("*.log"))) == 5
+    assert len(list((out / "logs").glob("*.log"))) == 3

@@ -80,7 +80,9 @@ class Settings:
     def describe(self) -> str:
         if self.fusion == "concat":
             return "concatenation (upstream MM-Dynamics)"
-        extra = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        kw = self.fusion_kwargs()
+        kw.pop("ablation")
+        extra = ", ".join(f"{k}={v}" for k, v in sorted(kw.items()))
         return f"DEQ fusion [{self.ablation}], jac weight {self.jac_weight:g}" + (f", {extra}" if extra else "")
 
 

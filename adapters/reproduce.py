@@ -42,6 +42,14 @@ ABLATION_TITLES = {
     "no_gate": "DEQ fusion without gate (purify removed)",
 }
 TABLE9_STEPS = (1, 10, 20, 40, 100)
+# DEQ settings per dataset when the command line does not set them (see docs/mmdynamics.md):
+# BRCA: the paper's (Jacobian weight 20, at most 105 forward / 106 adjoint steps).
+# ROSMAP (not in the paper): weight 20 collapses the fusion to a constant there, so 0.1 (chosen on a
+# validation split, seed 0; the paper's MM-IMDB value), and 12/12 solver steps to fit the time budget.
+DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "BRCA": {"jac_weight": adapter.PAPER_JAC_WEIGHT, "options": {}},
+    "ROSMAP": {"jac_weight": 0.1, "options": {"f_max_iter": 12, "b_max_iter": 12}},
+}
 PROTOCOL_TEXT = {
     "upstream": "MM-Dynamics protocol: full training split, final model on the test split",
     "test-best": "best of the every-50-epoch TEST evaluations (the authors' DEQ release; optimistic, selects on test)",
@@ -67,11 +75,13 @@ def metric_columns(num_class: int) -> List[Tuple[str, str]]:
 
 
 def build_rows(args: argparse.Namespace, ds: mogonet_data.DatasetSpec) -> List[Row]:
-    deq_opts = dict(args.option or {})
+    defaults = DATASET_DEFAULTS[ds.name]
+    deq_opts = dict(defaults["options"], **dict(args.option or {}))
+    jac_weight = defaults["jac_weight"] if args.jac_weight is None else args.jac_weight
     base = adapter.Settings(fusion="concat")
 
     def deq(ablation: str) -> adapter.Settings:
-        return adapter.Settings(fusion="deq", ablation=ablation, jac_weight=args.jac_weight, options=deq_opts)
+        return adapter.Settings(fusion="deq", ablation=ablation, jac_weight=jac_weight, options=deq_opts)
 
     rows: List[Row] = []
     if not args.no_baseline:
@@ -124,9 +134,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="run the rows of the paper's Tables 6/7 (all rows when given without names)")
     m.add_argument("--modalities", action="store_true", help="also run the two-modality rows of Table 1")
     m.add_argument("--no-baseline", action="store_true", help="skip the concatenation baseline rows")
-    m.add_argument("--jac-weight", type=float, default=adapter.PAPER_JAC_WEIGHT, help="Jacobian loss weight")
+    m.add_argument("--jac-weight", type=float, default=None,
+                   help="Jacobian loss weight (default: BRCA 20 as in the paper, ROSMAP 0.1)")
     m.add_argument("--option", type=_option, action="append", metavar="KEY=VALUE",
-                   help="a DEQFusion option for the DEQ rows, e.g. --option f_max_iter=50 (repeatable)")
+                   help="a DEQFusion option for the DEQ rows, e.g. --option f_max_iter=50 (repeatable); defaults: "
+                        "BRCA f_max_iter=105 b_max_iter=106 (the paper), ROSMAP f_max_iter=12 b_max_iter=12")
     m.add_argument("--epochs", type=int, default=None, help="stop each run after N epochs (default: the upstream's)")
     m.add_argument("--data-dir", type=Path, default=None,
                    help=f"folder holding the MOGONET dataset (or its parent); default ${mogonet_data.ENV_DATA}, "
@@ -136,7 +148,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--upstream", type=Path, default=None,
                    help="patched MM-Dynamics clone (default $DEQFUSION_MMDYNAMICS or third_party/mmdynamics)")
     m.add_argument("--device", default="auto", help="auto, cpu or cuda (cpu uses the .cuda() shim)")
-    m.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    m.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 (the documented numbers) avoids the large slowdown of "
+                        "oversubscribed cores; 0 = torch's default")
     m.add_argument("--out", type=Path, default=None, help="output folder (default runs/mmdynamics-<dataset>-<time>)")
     m.add_argument("--convergence", dest="convergence", action="store_true", default=True,
                    help="Fig. 3 / Table 9 for the first seed (adds one weight-tied training run)")

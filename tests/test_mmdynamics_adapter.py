@@ -160,7 +160,16 @@ def test_cli_surface():
     assert keys[0] == "concat" and [k for k in keys if k.startswith("deq:") and "@" not in k] == [
         "deq:" + a for a in reproduce.ABLATION_ROWS]
     assert {"concat@0+1", "deq:full@1+2"} <= set(keys)
-    assert all(r.settings.options == {"f_max_iter": 40} for r in rows if r.settings.fusion == "deq")
+    deq_rows = [r for r in rows if r.settings.fusion == "deq"]
+    assert all(r.settings.options == {"f_max_iter": 40, "b_max_iter": 12} and r.settings.jac_weight == 0.1
+               for r in deq_rows)  # ROSMAP defaults, --option on top
     assert next(r for r in rows if r.key == "deq:full@0+2").modalities == (0, 2)
     with pytest.raises(SystemExit):
         parser.parse_args(["reproduce", "mmdynamics", "--ablation", "bogus"])
+    # BRCA keeps the paper's settings: Jacobian weight 20, 105 / 106 solver steps
+    args = parser.parse_args(["reproduce", "mmdynamics", "--dataset", "brca"])
+    assert args.threads == 1
+    (deq_row,) = [r for r in reproduce.build_rows(args, reproduce.mogonet_data.spec("brca")) if r.settings.fusion == "deq"]
+    assert deq_row.settings.jac_weight == 20 and deq_row.settings.options == {}
+    assert deq_row.settings.fusion_kwargs() == {"f_max_iter": 105, "b_max_iter": 106, "ablation": "full"}
+    assert "b_max_iter=106" in deq_row.settings.describe()

@@ -13,17 +13,34 @@ from torch import nn
 
 __all__ = ["ChannelLinear", "ModalityBlock", "FusionBlock"]
 
+_ROW_BLOCK = 4
+
 
 class ChannelLinear(nn.Linear):
     """nn.Linear over the channel axis (dim 1) of a (B, C, *spatial) tensor."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
+            rows = x.shape[0]
+            pad = -rows % _ROW_BLOCK
+            if pad and x.device.type == "cpu":
+                # CPU BLAS computes GEMM rows in blocks (4 for MKL on x86) and the leftover rows
+                # with another kernel, so a sample's result would depend on the batch size;
+                # padding to whole blocks keeps each row's arithmetic the same in any batch
+                # (bitwise batch invariance: a solve alone, in a batch or in a shrinking
+                # working set follows the same trajectory)
+                x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+                return F.linear(x, self.weight, self.bias)[:rows]
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(x.shape[0], x.shape[1], -1)                     # (B, C, L)
-        out = torch.matmul(self.weight, flat)                            # (B, O, L)
+        # one batched GEMM with the weight broadcast (stride 0) and the bias fused in: it takes
+        # strided inputs (a state's view of the solver's (B, k*C*L) buffer) without the copies
+        # torch.matmul makes to fold (O, C) @ (B, C, L), and returns a contiguous (B, O, L)
+        weight = self.weight.expand(x.shape[0], -1, -1)
         if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1)
+            out = torch.baddbmm(self.bias.view(1, -1, 1), weight, flat)
+        else:
+            out = torch.bmm(weight, flat)
         return out.reshape(x.shape[0], self.out_features, *x.shape[2:])
 
 

@@ -143,29 +143,46 @@ class DEQFusion(nn.Module):
         return x.dtype
 
     def _packers(self, like: torch.Tensor):
+        """(pack, unpack) between the list of states and the solver's flat (B, k*numel) state.
+        The batch size is read from the argument, so they serve any subset of the batch."""
         k = self._num_states()
-        batch, rest = like.shape[0], like.shape[1:]
+        rest = like.shape[1:]
 
         def pack(states: List[torch.Tensor]) -> torch.Tensor:
-            return torch.stack(states, dim=1).reshape(batch, -1)
+            return torch.stack(states, dim=1).reshape(states[0].shape[0], -1)
 
         def unpack(flat: torch.Tensor) -> List[torch.Tensor]:
-            return list(flat.view(batch, k, *rest).unbind(1))
+            return list(flat.view(flat.shape[0], k, *rest).unbind(1))
 
         return pack, unpack
 
-    def _deq(self, xs, x_fuse, masks, zero) -> FusionOutput:
-        cfg = self.config
+    def _problem(self, xs: List[torch.Tensor], x_fuse: Optional[torch.Tensor], masks: List[Optional[torch.Tensor]]):
+        """The map on the flat state, f(z) -> z, and `restrict(idx)`: the same map for the
+        samples idx alone (every part of the map treats samples independently), which lets the
+        solver stop evaluating f for samples that have converged."""
         pack, unpack = self._packers(xs[0])
 
-        def f(flat: torch.Tensor) -> torch.Tensor:
-            return pack(self._step(unpack(flat), xs, x_fuse, masks)).to(flat.dtype)
+        def make(xs_, x_fuse_, masks_):
+            def f(flat: torch.Tensor) -> torch.Tensor:
+                return pack(self._step(unpack(flat), xs_, x_fuse_, masks_)).to(flat.dtype)
+            return f
 
+        def restrict(idx: torch.Tensor):
+            def take(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+                return None if t is None else t.index_select(0, idx)
+            return make([take(x) for x in xs], take(x_fuse), [take(m) for m in masks])
+
+        return make(xs, x_fuse, masks), restrict
+
+    def _deq(self, xs, x_fuse, masks, zero) -> FusionOutput:
+        cfg = self.config
+        _, unpack = self._packers(xs[0])
+        f, restrict = self._problem(xs, x_fuse, masks)
         batch = xs[0].shape[0]
         z0 = torch.zeros(batch, self._num_states() * xs[0][0].numel(), device=xs[0].device,
                          dtype=self._state_dtype(xs[0]))
         with torch.no_grad():
-            z_star, fz_star, stats = solve(cfg.f_solver, f, z0, **cfg.solver_kwargs("f"))
+            z_star, fz_star, stats = solve(cfg.f_solver, f, z0, restrict=restrict, **cfg.solver_kwargs("f"))
         needs_grad = torch.is_grad_enabled() and (
             any(p.requires_grad for p in self.parameters()) or any(x.requires_grad for x in xs))
         jac_loss = zero

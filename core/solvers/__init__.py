@@ -27,7 +27,14 @@ SOLVERS: Dict[str, Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor], Sol
 
 
 def solve(name: str, f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, **kwargs: Any):
-    """Run solver `name`; returns (z*, f(z*) or None, stats)."""
+    """Run solver `name`; returns (z*, f(z*) or None, stats).
+
+    Optional `restrict(idx) -> f_idx`: f for the samples `idx` (a LongTensor of batch rows)
+    alone, for maps that treat samples independently. With it, the solver drops stopped
+    samples from the batch at its check points (every `check_every` steps; never with
+    check_every=0) and evaluates f only for those still iterating; the results are those of
+    the full-batch solve.
+    """
     try:
         fn = SOLVERS[name]
     except KeyError:

@@ -4,6 +4,15 @@ Type-II Anderson with window m, as in locuslab/deq and torchdeq, with three chan
 users asked for: the Tikhonov term is relative to the sample's own Gram matrix (scale-free), the
 bordered (m+1)x(m+1) systems are solved in float64 whatever the state dtype (bf16 works), and a
 sample whose system is singular or non-finite takes a plain fixed-point step instead of failing.
+
+Cost per iteration, besides the one evaluation of f, is O(m D) per sample and allocates no
+(B, m, D) temporary: the window keeps f(x_j) and the residuals g_j = f(x_j) - x_j in two
+preallocated ring buffers, and the Gram matrix G G^T is updated by its newest row only (the
+m inner products of the new residual) instead of being recomputed (O(m^2 D)). Mixing with
+beta < 1 uses sum_j a_j x_j = sum_j a_j f_j - sum_j a_j g_j, so no history of x is kept.
+
+With `restrict` (see `solve`), samples that have stopped are dropped from the batch at check
+points, so f is evaluated only for the samples still iterating.
 """
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .stats import ConvergenceTracker, SolverStats, should_stop
+from .stats import ConvergenceTracker, SolverStats, checkpoint, solver_precision, worth_compacting
 
 
 def anderson(
@@ -34,54 +43,75 @@ def anderson(
     return z, stats
 
 
+@solver_precision
 def _anderson(f, z0, *, max_iter, tol, stop_mode, m=6, lam=1e-4, beta=1.0, check_every=1,
-              divergence_factor=1e4, keep_fz=True) -> Tuple[torch.Tensor, Optional[torch.Tensor], SolverStats]:
+              divergence_factor=1e4, keep_fz=True, restrict=None) -> Tuple[torch.Tensor, Optional[torch.Tensor], SolverStats]:
     if m < 1:
         raise ValueError(f"anderson: window m must be >= 1, got {m}")
     tracker = ConvergenceTracker(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
-                                 divergence_factor=divergence_factor, keep_fz=keep_fz)
+                                 divergence_factor=divergence_factor, keep_fz=keep_fz, sync_ok=check_every == 1)
     batch = z0.shape[0]
-    shape = z0.shape
-    flat0 = z0.reshape(batch, -1)
-    dim = flat0.shape[1]
-    gram_dtype = torch.promote_types(z0.dtype, torch.float32)
-    X = flat0.new_zeros(batch, m, dim)
-    F = flat0.new_zeros(batch, m, dim)
-    H = torch.zeros(batch, m + 1, m + 1, dtype=torch.float64, device=z0.device)
-    H[:, 0, 1:] = 1
-    H[:, 1:, 0] = 1
-    rhs = torch.zeros(batch, m + 1, 1, dtype=torch.float64, device=z0.device)
-    rhs[:, 0] = 1
-    eye = torch.eye(m, dtype=torch.float64, device=z0.device)
+    rest = z0.shape[1:]
+    x = z0.reshape(batch, -1)
+    dim = x.shape[1]
+    dev = z0.device
+    # the m inner products per step run in the state dtype when it is float32/64 (bmm has no
+    # accumulate-wide option); a half-precision history is widened for them
+    dot_dtype = torch.promote_types(z0.dtype, torch.float32)
+    Fh = x.new_empty(batch, m, dim)          # f(x_j)            (slot j is read only once written)
+    Gh = x.new_empty(batch, m, dim)          # g_j = f(x_j) - x_j
+    gram = torch.zeros(batch, m, m, dtype=torch.float64, device=dev)
+    ones = torch.ones(m, 1, dtype=torch.float64, device=dev)
+    onehot = torch.eye(m, dtype=torch.float64, device=dev)
 
-    x = flat0
     for k in range(max_iter):
-        fx = f(x.view(shape)).reshape(batch, -1)
-        active = tracker.update(x.view(shape), fx.view(shape))
-        if should_stop(tracker, k, check_every):
-            break
+        w = x.shape[0]
+        fx = f(x.view(w, *rest)).reshape(w, -1)
         slot = k % m
-        X[:, slot] = x
-        F[:, slot] = fx
+        g = Gh[:, slot]
+        torch.sub(fx, x, out=g)
+        Fh[:, slot] = fx
+        tracker.update(x.view(w, *rest), fx.view(w, *rest), g)
+        n_active = checkpoint(tracker, k, check_every)
+        if n_active == 0 or k == max_iter - 1:
+            break
+        if restrict is not None and worth_compacting(tracker, n_active):
+            keep = tracker.compact()
+            f = restrict(tracker.idx)
+            x, fx, Fh, Gh, gram = x[keep], fx[keep], Fh[keep], Gh[keep], gram[keep]
+            g = Gh[:, slot]
+            w = x.shape[0]
         n = min(k + 1, m)
+        # newest row/column of the Gram matrix: <g_j, g> for the n stored residuals, as
+        # (1, D) @ (D, n) per sample (MKL's batched (n, D) @ (D, 1) is several times slower)
+        if Gh.dtype == dot_dtype:
+            row = torch.bmm(g.unsqueeze(1), Gh[:, :n].transpose(1, 2)).squeeze(1)
+        else:
+            row = torch.bmm(g.to(dot_dtype).unsqueeze(1), Gh[:, :n].to(dot_dtype).transpose(1, 2)).squeeze(1)
+        row = row.to(torch.float64)
+        gram[:, slot, :n] = row
+        gram[:, :n, slot] = row
         if n == 1:
             new = fx if beta == 1.0 else beta * fx + (1 - beta) * x
         else:
-            G = (F[:, :n] - X[:, :n]).to(gram_dtype)
-            gram = torch.bmm(G, G.transpose(1, 2)).to(torch.float64)
-            scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
-            A = H[:, : n + 1, : n + 1].clone()
-            A[:, 1:, 1:] = gram + (lam * scale).view(-1, 1, 1) * eye[:n, :n]
-            sol, info = torch.linalg.solve_ex(A, rhs[:, : n + 1])
-            alpha = sol[:, 1:, 0]
+            # min ||sum_j a_j g_j|| subject to sum_j a_j = 1:  a = H^-1 1 / (1^T H^-1 1) with
+            # H = G G^T + lam * mean(diag) * I (the bordered system of locuslab/deq, eliminated)
+            A = gram[:, :n, :n].clone()
+            diag = A.diagonal(dim1=1, dim2=2)
+            diag.add_(diag.mean(dim=1, keepdim=True).clamp_min(1e-30), alpha=lam)
+            y, info = torch.linalg.solve_ex(A, ones[:n].expand(w, n, 1))
+            y = y.squeeze(2)
+            alpha = y / y.sum(dim=1, keepdim=True)
             ok = (info == 0) & torch.isfinite(alpha).all(dim=1)
-            plain = torch.zeros_like(alpha)
-            plain[:, slot] = 1.0  # the newest column: a plain fixed-point step
-            alpha = torch.where(ok.view(-1, 1), alpha, plain).to(X.dtype).unsqueeze(1)
-            new = torch.bmm(alpha, F[:, :n]).squeeze(1)
+            # a failed system takes a plain fixed-point step: weight 1 on the newest column
+            alpha = torch.where(ok.view(-1, 1), alpha, onehot[slot, :n]).to(Fh.dtype).unsqueeze(1)
+            new = torch.bmm(alpha, Fh[:, :n]).squeeze(1)
             if beta != 1.0:
-                new = beta * new + (1 - beta) * torch.bmm(alpha, X[:, :n]).squeeze(1)
-        # stopped samples hold still; a non-finite proposal restarts the sample from its best iterate
-        keep = active & torch.isfinite(new).all(dim=1)
-        x = torch.where(keep.view(-1, 1), new, tracker.best_z.reshape(batch, -1))
+                new = new - (1 - beta) * torch.bmm(alpha, Gh[:, :n]).squeeze(1)
+        # Stopped samples are left to iterate on: the tracker ignores them (their results are
+        # final) and f treats samples independently, so this costs nothing but their share of
+        # f -- which `restrict` removes. An active sample's window and coefficients are finite
+        # (a non-finite f(x) stops the sample), so its proposal is finite barring overflow, and
+        # an overflow shows up as a non-finite f(x) at the next step.
+        x = new
     return tracker.finish("anderson")

@@ -5,7 +5,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .stats import ConvergenceTracker, SolverStats, should_stop
+from .stats import ConvergenceTracker, SolverStats, checkpoint, solver_precision, worth_compacting
 
 
 def fixed_point_iter(
@@ -30,17 +30,22 @@ def fixed_point_iter(
     return z, stats
 
 
+@solver_precision
 def _fixed_point(f, z0, *, max_iter, tol, stop_mode, tau=1.0, check_every=1, divergence_factor=1e4,
-                 keep_fz=True) -> Tuple[torch.Tensor, Optional[torch.Tensor], SolverStats]:
+                 keep_fz=True, restrict=None) -> Tuple[torch.Tensor, Optional[torch.Tensor], SolverStats]:
     tracker = ConvergenceTracker(z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode,
-                                 divergence_factor=divergence_factor, keep_fz=keep_fz)
+                                 divergence_factor=divergence_factor, keep_fz=keep_fz, sync_ok=check_every == 1)
     z = z0
     for k in range(max_iter):
         fz = f(z)
-        active = tracker.update(z, fz)
-        if should_stop(tracker, k, check_every):
+        tracker.update(z, fz)
+        n_active = checkpoint(tracker, k, check_every)
+        if n_active == 0 or k == max_iter - 1:
             break
-        step = fz if tau == 1.0 else (1 - tau) * z + tau * fz
-        # frozen samples keep their state; non-finite ones restart from their best iterate
-        z = torch.where(active.view(-1, *([1] * (z.dim() - 1))), step, tracker.best_z)
+        if restrict is not None and worth_compacting(tracker, n_active):
+            keep = tracker.compact()
+            f = restrict(tracker.idx)
+            z, fz = z[keep], fz[keep]
+        # stopped samples may go on iterating: the tracker ignores them (results are final)
+        z = fz if tau == 1.0 else (1 - tau) * z + tau * fz
     return tracker.finish("fixed_point_iter")

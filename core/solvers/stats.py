@@ -95,24 +95,43 @@ class SolverStats:
         )
 
 
-def residual_norms(z: torch.Tensor, fz: torch.Tensor):
-    """Per-sample (abs, rel) residuals of iterate z, computed in float32 or wider."""
+def residual_norms(z: torch.Tensor, fz: torch.Tensor, g: Optional[torch.Tensor] = None):
+    """Per-sample (abs, rel) residuals of iterate z, computed in float32 or wider.
+
+    `g = fz - z` may be passed when the solver has it already (saves a pass over the state).
+    """
     wide = torch.promote_types(fz.dtype, torch.float32)
-    fz_w = fz.flatten(1).to(wide)
-    diff = fz_w - z.flatten(1).to(wide)
-    abs_r = torch.linalg.vector_norm(diff, dim=1)
-    rel_r = abs_r / (torch.linalg.vector_norm(fz_w, dim=1) + _EPS)
+    if g is None:
+        g = fz.flatten(1).to(wide) - z.flatten(1).to(wide)
+    abs_r = torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=wide)
+    rel_r = abs_r / (torch.linalg.vector_norm(fz.flatten(1), dim=1, dtype=wide) + _EPS)
     return abs_r, rel_r
 
 
 class ConvergenceTracker:
-    """Per-sample best iterate, residual traces, step counts and status for one solve."""
+    """Per-sample best iterate, residual traces, step counts and status for one solve.
+
+    The tracker works on a *working set* of samples: at first the whole batch; a solver may
+    call `compact()` at a point where it synchronises anyway, which drops the samples that have
+    stopped (their results are final) so that f is no longer evaluated for them. Per-sample
+    tensors (`best_z`, `best_fz`, `active`, ...) are in working-set order; `idx` maps working
+    rows to batch rows (None while the working set is the whole batch). `finish()` returns
+    everything in batch order.
+
+    An update is a fixed sequence of tensor ops on the state's device -- no host sync -- unless
+    `sync_ok` (the solver synchronises every step anyway, check_every=1): then one extra check
+    lets it copy the best iterate with `lerp_` (exact for weights 0 and 1 and finite values,
+    several times faster than `torch.where` with a per-row mask on CPU) instead of `where`.
+    Samples that have stopped may go on being evaluated (until compacted away); the tracker
+    ignores them, so the solver need not hold them still.
+    """
 
     def __init__(self, z0: torch.Tensor, *, max_iter: int, tol: float, stop_mode: str,
-                 divergence_factor: float, keep_fz: bool = True):
+                 divergence_factor: float, keep_fz: bool = True, sync_ok: bool = False):
         batch = z0.shape[0]
         dev = z0.device
         wide = torch.promote_types(z0.dtype, torch.float32)
+        self.batch = batch
         self.tol = tol
         self.stop_mode = stop_mode
         self.divergence_factor = divergence_factor
@@ -122,61 +141,208 @@ class ConvergenceTracker:
         self.best_abs = inf.clone()
         self.best_rel = inf.clone()
         self.first: Optional[torch.Tensor] = None
+        self._limit: Optional[torch.Tensor] = None     # divergence threshold per sample
         self.active = torch.ones(batch, dtype=torch.bool, device=dev)
         self.status = torch.full((batch,), int(Status.MAX_ITER), dtype=torch.long, device=dev)
         self.nstep = torch.zeros(batch, dtype=torch.long, device=dev)
+        # raw residual of every evaluation; entries after a sample stops are filled in by finish()
         self.abs_trace = torch.zeros(batch, max_iter, dtype=wide, device=dev)
         self.rel_trace = torch.zeros(batch, max_iter, dtype=wide, device=dev)
         self.evals = 0
+        self.idx: Optional[torch.Tensor] = None        # working row -> batch row
+        self._done: Optional[Dict[str, torch.Tensor]] = None   # batch-order results of samples dropped so far
+        self._lerp_ok = sync_ok and bool(torch.isfinite(z0).all())
+        self._codes = torch.arange(len(Status), dtype=torch.long, device=dev)   # codes[s] == s, 0-d each
 
-    def update(self, z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
-        """Record iterate z with its image f(z); returns the (B,) mask of samples still active."""
+    @property
+    def size(self) -> int:
+        """Number of samples in the working set."""
+        return self.best_abs.shape[0]
+
+    def update(self, z: torch.Tensor, fz: torch.Tensor, g: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Record iterate z with its image f(z) (working-set rows; `g = fz - z` if the solver has it).
+
+        Returns the (working-set) mask of samples still active. The best iterate and its image
+        are copied out of z and fz, so the caller may reuse their memory afterwards.
+        """
         k = self.evals
         self.evals += 1
-        abs_r, rel_r = residual_norms(z, fz)
+        abs_r, rel_r = residual_norms(z, fz, g)
         metric = abs_r if self.stop_mode == "abs" else rel_r
-        finite = torch.isfinite(metric)
+        # a norm is >= 0, inf or NaN: one comparison tells finite ones; a finite abs residual
+        # means finite z and f(z), hence a finite relative one
+        finite = abs_r < float("inf")
         if self.first is None:
             self.first = torch.where(finite, metric, torch.ones_like(metric))
+            self._limit = self.divergence_factor * self.first.clamp_min(_EPS)
         active = self.active
+        live = active & finite
         best_metric = self.best_abs if self.stop_mode == "abs" else self.best_rel
-        improved = active & finite & (metric < best_metric)
-        mask = improved.view(-1, *([1] * (z.dim() - 1)))
-        self.best_z = torch.where(mask, z, self.best_z)
-        if self.best_fz is not None:
-            self.best_fz = torch.where(mask, fz, self.best_fz)
+        improved = live & (metric < best_metric)
+        self._keep_best(improved, z, fz, finite)
         self.best_abs = torch.where(improved, abs_r, self.best_abs)
         self.best_rel = torch.where(improved, rel_r, self.best_rel)
         if k < self.abs_trace.shape[1]:
-            never = torch.full_like(abs_r, float("inf"))
-            prev_abs = self.abs_trace[:, k - 1] if k else never
-            prev_rel = self.rel_trace[:, k - 1] if k else never
-            self.abs_trace[:, k] = torch.where(active & finite, abs_r, prev_abs)
-            self.rel_trace[:, k] = torch.where(active & finite, rel_r, prev_rel)
-        self.nstep = torch.where(active, torch.full_like(self.nstep, k + 1), self.nstep)
-        converged = active & finite & (metric <= self.tol)
+            rows = slice(None) if self.idx is None else self.idx
+            self.abs_trace[rows, k] = abs_r
+            self.rel_trace[rows, k] = rel_r
+        self.nstep = self.nstep + active
+        converged = live & (metric <= self.tol)
         nonfinite = active & ~finite
-        diverged = active & finite & ~converged & (metric > self.divergence_factor * self.first.clamp_min(_EPS))
-        self.status = torch.where(converged, torch.full_like(self.status, int(Status.CONVERGED)), self.status)
-        self.status = torch.where(nonfinite, torch.full_like(self.status, int(Status.NON_FINITE)), self.status)
-        self.status = torch.where(diverged, torch.full_like(self.status, int(Status.DIVERGED)), self.status)
+        diverged = live & ~converged & (metric > self._limit)
+        codes = self._codes
+        status = torch.where(converged, codes[0], self.status)
+        status = torch.where(nonfinite, codes[int(Status.NON_FINITE)], status)
+        self.status = torch.where(diverged, codes[int(Status.DIVERGED)], status)
         self.active = active & ~(converged | nonfinite | diverged)
         return self.active
 
+    def _keep_best(self, improved: torch.Tensor, z: torch.Tensor, fz: torch.Tensor, finite: torch.Tensor) -> None:
+        """best <- z on the improved rows, in place (no new (B, D) buffer per step)."""
+        # lerp_ with weight 0/1 is exact when both operands are finite: best always is, and a
+        # finite abs residual in every row (stopped ones included) means z and f(z) are too
+        if (self._lerp_ok and z.dtype == self.best_z.dtype
+                and (self.best_fz is None or fz.dtype == self.best_fz.dtype) and bool(finite.all())):
+            weight = improved.to(self.best_z.dtype).view(-1, *([1] * (self.best_z.dim() - 1)))
+            self.best_z.lerp_(z.view_as(self.best_z), weight)
+            if self.best_fz is not None:
+                self.best_fz.lerp_(fz.view_as(self.best_fz), weight)
+            return
+        mask = improved.view(-1, *([1] * (z.dim() - 1)))
+        torch.where(mask, z, self.best_z, out=self.best_z)
+        if self.best_fz is not None:
+            torch.where(mask, fz, self.best_fz, out=self.best_fz)
+
+    def num_active(self) -> int:
+        """Number of active samples in the working set (a host sync on CUDA)."""
+        return int(self.active.sum())
+
+    def compact(self) -> torch.Tensor:
+        """Drop the stopped samples from the working set (a host sync: call it at a check point).
+
+        Their results are final and kept aside. Returns the working rows kept, as indices into
+        the old working set, so that the solver can shrink its own buffers the same way.
+        """
+        keep = self.active.nonzero().squeeze(1)
+        leave = (~self.active).nonzero().squeeze(1)
+        dev = self.active.device
+        rows = self.idx if self.idx is not None else torch.arange(self.batch, device=dev)
+        if self._done is None:
+            d: Dict[str, torch.Tensor] = {
+                "best_z": self.best_z.new_empty(self.batch, *self.best_z.shape[1:]),
+                "best_abs": self.best_abs.new_empty(self.batch),
+                "best_rel": self.best_rel.new_empty(self.batch),
+                "status": self.status.new_empty(self.batch),
+                "nstep": self.nstep.new_empty(self.batch),
+            }
+            if self.best_fz is not None:
+                d["best_fz"] = self.best_fz.new_empty(self.batch, *self.best_fz.shape[1:])
+            self._done = d
+        self._flush(leave, rows[leave])
+        self.idx = rows[keep]
+        self.best_z = self.best_z[keep]
+        if self.best_fz is not None:
+            self.best_fz = self.best_fz[keep]
+        for name in ("best_abs", "best_rel", "active", "status", "nstep", "first", "_limit"):
+            setattr(self, name, getattr(self, name)[keep])
+        return keep
+
+    def _flush(self, work_rows: torch.Tensor, batch_rows: torch.Tensor) -> None:
+        d = self._done
+        d["best_z"][batch_rows] = self.best_z[work_rows]
+        if self.best_fz is not None:
+            d["best_fz"][batch_rows] = self.best_fz[work_rows]
+        for name in ("best_abs", "best_rel", "status", "nstep"):
+            d[name][batch_rows] = getattr(self, name)[work_rows]
+
     def finish(self, solver: str):
-        """Returns (best z, f(best z) or None, SolverStats)."""
+        """Returns (best z, f(best z) or None, SolverStats), in batch order."""
         used = min(self.evals, self.abs_trace.shape[1])
-        abs_trace = self.abs_trace[:, :used]
-        rel_trace = self.rel_trace[:, :used]
+        best_z, best_fz = self.best_z, self.best_fz
+        best_abs, best_rel, status, nstep = self.best_abs, self.best_rel, self.status, self.nstep
+        if self._done is not None:
+            d = self._done
+            self._flush(torch.arange(self.size, device=self.active.device), self.idx)
+            best_z, best_fz = d["best_z"], d.get("best_fz")
+            best_abs, best_rel, status, nstep = d["best_abs"], d["best_rel"], d["status"], d["nstep"]
+        abs_trace, rel_trace = self.abs_trace[:, :used], self.rel_trace[:, :used]
+        if used:
+            # after a sample's last finite residual its trace carries that value forward (inf if
+            # it never had one); a non-finite evaluation is always a sample's last
+            last = nstep - 1 - (status == int(Status.NON_FINITE)).long()
+            cols = torch.arange(used, device=nstep.device).view(1, -1)
+            after = cols > last.view(-1, 1)
+            src = last.clamp_min(0).view(-1, 1)
+            never = (last < 0).view(-1, 1)
+            fill_abs = torch.where(never, float("inf"), abs_trace.gather(1, src))
+            fill_rel = torch.where(never, float("inf"), rel_trace.gather(1, src))
+            abs_trace = torch.where(after, fill_abs, abs_trace)
+            rel_trace = torch.where(after, fill_rel, rel_trace)
         # a sample that never produced a finite residual reports inf, not a made-up number
         stats = SolverStats(
-            nstep=self.nstep, abs_lowest=self.best_abs, rel_lowest=self.best_rel, status=self.status,
+            nstep=nstep, abs_lowest=best_abs, rel_lowest=best_rel, status=status,
             abs_trace=abs_trace, rel_trace=rel_trace, solver=solver, stop_mode=self.stop_mode,
             tol=self.tol, num_evals=self.evals,
         )
-        return self.best_z, self.best_fz, stats
+        return best_z, best_fz, stats
+
+
+def _autocast_state(device_type: str):
+    """(enabled, dtype) of autocast for a device type, across torch versions."""
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
+def solver_precision(solver):
+    """Run a solver's own arithmetic outside autocast, and f inside the caller's autocast.
+
+    Under `torch.autocast`, the solver's bmm (mixing, Gram rows) would otherwise run in
+    bf16/fp16 and round the state itself; only f should see the lower precision.
+    """
+    import functools
+
+    @functools.wraps(solver)
+    def run(f, z0, *args, **kwargs):
+        enabled, dtype = _autocast_state(z0.device.type)
+        if not enabled:
+            return solver(f, z0, *args, **kwargs)
+        dev = z0.device.type
+
+        def inside(fn):
+            def g(z):
+                with torch.autocast(dev, dtype=dtype):
+                    return fn(z)
+            return g
+
+        restrict = kwargs.get("restrict")
+        if restrict is not None:
+            kwargs["restrict"] = lambda idx: inside(restrict(idx))
+        with torch.autocast(dev, enabled=False):
+            return solver(inside(f), z0, *args, **kwargs)
+
+    return run
+
+
+def checkpoint(tracker: ConvergenceTracker, k: int, check_every: int) -> Optional[int]:
+    """At every `check_every`-th evaluation, the number of active samples (one host sync on
+    CUDA); None elsewhere and always with check_every=0 (fixed number of steps, no sync)."""
+    if check_every > 0 and (k + 1) % check_every == 0:
+        return tracker.num_active()
+    return None
 
 
 def should_stop(tracker: ConvergenceTracker, k: int, check_every: int) -> bool:
     """Early-exit test, made only every `check_every` evaluations (each one is a host sync on CUDA)."""
-    return check_every > 0 and (k + 1) % check_every == 0 and not bool(tracker.active.any())
+    return checkpoint(tracker, k, check_every) == 0
+
+
+def worth_compacting(tracker: ConvergenceTracker, active: Optional[int], min_drop: float = 0.125) -> bool:
+    """Compact when at least `min_drop` of the working set (and at least one sample) has stopped."""
+    if active is None or active == 0:
+        return False
+    dropped = tracker.size - active
+    return dropped >= max(1, int(min_drop * tracker.size))

@@ -45,7 +45,8 @@ def _compiler_disable(fn):
 
 
 @_compiler_disable
-def _attach_implicit_grad(f, z_star: torch.Tensor, cfg: FusionConfig, stats: SolverStats, with_jac: bool):
+def _attach_implicit_grad(f, z_star: torch.Tensor, cfg: FusionConfig, stats: SolverStats, with_jac: bool,
+                          restrict=None):
     """One differentiable evaluation f(z*), the Jacobian term, and the implicit backward.
 
     Kept out of torch.compile graphs: the Jacobian term needs double backward, which compiled
@@ -55,7 +56,7 @@ def _attach_implicit_grad(f, z_star: torch.Tensor, cfg: FusionConfig, stats: Sol
     fz = f(z_star)
     jac = jacobian_frobenius(fz, z_star, probes=cfg.jac_probes) if with_jac else None
     fz = implicit_backward(fz, z_star, solver=cfg.b_solver, solver_kwargs=cfg.solver_kwargs("b"),
-                           sink=lambda s: setattr(stats, "backward", s))
+                           sink=lambda s: setattr(stats, "backward", s), restrict=restrict)
     return fz, jac
 
 
@@ -181,14 +182,17 @@ class DEQFusion(nn.Module):
         batch = xs[0].shape[0]
         z0 = torch.zeros(batch, self._num_states() * xs[0][0].numel(), device=xs[0].device,
                          dtype=self._state_dtype(xs[0]))
-        with torch.no_grad():
-            z_star, fz_star, stats = solve(cfg.f_solver, f, z0, restrict=restrict, **cfg.solver_kwargs("f"))
         needs_grad = torch.is_grad_enabled() and (
             any(p.requires_grad for p in self.parameters()) or any(x.requires_grad for x in xs))
+        with torch.no_grad():
+            # f(z*) comes from the solver's bookkeeping when no graph is needed (saves an
+            # evaluation of f); with grad it is recomputed with the graph anyway
+            z_star, fz_star, stats = solve(cfg.f_solver, f, z0, restrict=restrict, keep_fz=not needs_grad,
+                                           **cfg.solver_kwargs("f"))
         jac_loss = zero
         if needs_grad:
             with_jac = self.training and cfg.jac_reg and (cfg.jac_freq >= 1.0 or random.random() < cfg.jac_freq)
-            fz, jac = _attach_implicit_grad(f, z_star, cfg, stats, with_jac)
+            fz, jac = _attach_implicit_grad(f, z_star, cfg, stats, with_jac, restrict)
             jac_loss = jac if jac is not None else zero
         else:
             fz = fz_star

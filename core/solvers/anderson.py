@@ -60,6 +60,8 @@ def _anderson(f, z0, *, max_iter, tol, stop_mode, m=6, lam=1e-4, beta=1.0, check
     dot_dtype = torch.promote_types(z0.dtype, torch.float32)
     Fh = x.new_empty(batch, m, dim)          # f(x_j)            (slot j is read only once written)
     Gh = x.new_empty(batch, m, dim)          # g_j = f(x_j) - x_j
+    home = (Fh, Gh)                          # the full-size buffers the rings are views of
+    spare = None                             # and their second home when the batch shrinks
     gram = torch.zeros(batch, m, m, dtype=torch.float64, device=dev)
     ones = torch.ones(m, 1, dtype=torch.float64, device=dev)
     onehot = torch.eye(m, dtype=torch.float64, device=dev)
@@ -69,28 +71,43 @@ def _anderson(f, z0, *, max_iter, tol, stop_mode, m=6, lam=1e-4, beta=1.0, check
         fx = f(x.view(w, *rest)).reshape(w, -1)
         slot = k % m
         g = Gh[:, slot]
-        torch.sub(fx, x, out=g)
+        if check_every == 1:
+            torch.sub(fx, x, out=g)           # straight into the ring
+        else:
+            g.copy_(fx - x)                   # torch.compile cannot trace out= into a strided view
         Fh[:, slot] = fx
-        tracker.update(x.view(w, *rest), fx.view(w, *rest), g)
+        n = min(k + 1, m)
+        # newest row/column of the Gram matrix: <g_j, g> for the n stored residuals, as
+        # (1, D) @ (D, n) per sample (MKL's batched (n, D) @ (D, 1) is several times slower);
+        # its diagonal entry is ||g||^2, the residual, which saves the tracker a pass
+        if Gh.dtype == dot_dtype:
+            row = torch.bmm(g.unsqueeze(1), Gh[:, :n].transpose(1, 2)).squeeze(1)
+        else:
+            row = torch.bmm(g.to(dot_dtype).unsqueeze(1), Gh[:, :n].to(dot_dtype).transpose(1, 2)).squeeze(1)
+        abs_r = row[:, slot].clamp_min(0).sqrt()
+        row = row.to(torch.float64)
+        gram[:, slot, :n] = row
+        gram[:, :n, slot] = row
+        # x and f(x) are not used again once g and the F ring hold them (the first step, which
+        # moves to f(x), and damped mixing excepted): the tracker may keep them as its best
+        tracker.update(x.view(w, *rest), fx.view(w, *rest), g, abs_r=abs_r, donate=beta == 1.0 and k > 0)
         n_active = checkpoint(tracker, k, check_every)
         if n_active == 0 or k == max_iter - 1:
             break
         if restrict is not None and worth_compacting(tracker, n_active):
             keep = tracker.compact()
             f = restrict(tracker.idx)
-            x, fx, Fh, Gh, gram = x[keep], fx[keep], Fh[keep], Gh[keep], gram[keep]
-            g = Gh[:, slot]
+            x, fx = x.index_select(0, keep), fx.index_select(0, keep)
+            # the rings move into a second pair of buffers (and back, next time): memory that
+            # is already mapped, where a fresh (B, m, D) allocation would page-fault afresh
+            if spare is None:
+                spare = (torch.empty_like(home[0]), torch.empty_like(home[1]))
+            rows = keep.shape[0]
+            Fh = torch.index_select(Fh, 0, keep, out=spare[0][:rows])
+            Gh = torch.index_select(Gh, 0, keep, out=spare[1][:rows])
+            home, spare = spare, home
+            gram = gram.index_select(0, keep)
             w = x.shape[0]
-        n = min(k + 1, m)
-        # newest row/column of the Gram matrix: <g_j, g> for the n stored residuals, as
-        # (1, D) @ (D, n) per sample (MKL's batched (n, D) @ (D, 1) is several times slower)
-        if Gh.dtype == dot_dtype:
-            row = torch.bmm(g.unsqueeze(1), Gh[:, :n].transpose(1, 2)).squeeze(1)
-        else:
-            row = torch.bmm(g.to(dot_dtype).unsqueeze(1), Gh[:, :n].to(dot_dtype).transpose(1, 2)).squeeze(1)
-        row = row.to(torch.float64)
-        gram[:, slot, :n] = row
-        gram[:, :n, slot] = row
         if n == 1:
             new = fx if beta == 1.0 else beta * fx + (1 - beta) * x
         else:

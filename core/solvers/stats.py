@@ -119,11 +119,11 @@ class ConvergenceTracker:
     everything in batch order.
 
     An update is a fixed sequence of tensor ops on the state's device -- no host sync -- unless
-    `sync_ok` (the solver synchronises every step anyway, check_every=1): then one extra check
-    lets it copy the best iterate with `lerp_` (exact for weights 0 and 1 and finite values,
-    several times faster than `torch.where` with a per-row mask on CPU) instead of `where`.
-    Samples that have stopped may go on being evaluated (until compacted away); the tracker
-    ignores them, so the solver need not hold them still.
+    `sync_ok` (the solver synchronises every step anyway, check_every=1): then the best iterate
+    is kept by copying just the rows that improved, or by taking over the solver's buffers when
+    it donates them (several times cheaper than `torch.where` with a per-row mask, which is
+    what the sync-free mode uses). Samples that have stopped may go on being evaluated (until
+    compacted away); the tracker ignores them, so the solver need not hold them still.
     """
 
     def __init__(self, z0: torch.Tensor, *, max_iter: int, tol: float, stop_mode: str,
@@ -151,7 +151,7 @@ class ConvergenceTracker:
         self.evals = 0
         self.idx: Optional[torch.Tensor] = None        # working row -> batch row
         self._done: Optional[Dict[str, torch.Tensor]] = None   # batch-order results of samples dropped so far
-        self._lerp_ok = sync_ok and bool(torch.isfinite(z0).all())
+        self._sync_ok = sync_ok
         self._codes = torch.arange(len(Status), dtype=torch.long, device=dev)   # codes[s] == s, 0-d each
 
     @property
@@ -159,15 +159,22 @@ class ConvergenceTracker:
         """Number of samples in the working set."""
         return self.best_abs.shape[0]
 
-    def update(self, z: torch.Tensor, fz: torch.Tensor, g: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Record iterate z with its image f(z) (working-set rows; `g = fz - z` if the solver has it).
+    def update(self, z: torch.Tensor, fz: torch.Tensor, g: Optional[torch.Tensor] = None, *,
+               abs_r: Optional[torch.Tensor] = None, donate: bool = False) -> torch.Tensor:
+        """Record iterate z with its image f(z) (working-set rows).
 
-        Returns the (working-set) mask of samples still active. The best iterate and its image
-        are copied out of z and fz, so the caller may reuse their memory afterwards.
+        `g = fz - z` and/or the per-sample `abs_r = ||g||` may be passed when the solver has
+        them. `donate=True`: the solver will not touch z and fz again, so the tracker may keep
+        their memory as its best iterate instead of copying. Returns the (working-set) mask of
+        samples still active.
         """
         k = self.evals
         self.evals += 1
-        abs_r, rel_r = residual_norms(z, fz, g)
+        if abs_r is None:
+            abs_r, rel_r = residual_norms(z, fz, g)
+        else:
+            wide = torch.promote_types(fz.dtype, torch.float32)
+            rel_r = abs_r / (torch.linalg.vector_norm(fz.flatten(1), dim=1, dtype=wide) + _EPS)
         metric = abs_r if self.stop_mode == "abs" else rel_r
         # a norm is >= 0, inf or NaN: one comparison tells finite ones; a finite abs residual
         # means finite z and f(z), hence a finite relative one
@@ -179,7 +186,7 @@ class ConvergenceTracker:
         live = active & finite
         best_metric = self.best_abs if self.stop_mode == "abs" else self.best_rel
         improved = live & (metric < best_metric)
-        self._keep_best(improved, z, fz, finite)
+        self._keep_best(improved, z, fz, donate)
         self.best_abs = torch.where(improved, abs_r, self.best_abs)
         self.best_rel = torch.where(improved, rel_r, self.best_rel)
         if k < self.abs_trace.shape[1]:
@@ -197,21 +204,41 @@ class ConvergenceTracker:
         self.active = active & ~(converged | nonfinite | diverged)
         return self.active
 
-    def _keep_best(self, improved: torch.Tensor, z: torch.Tensor, fz: torch.Tensor, finite: torch.Tensor) -> None:
-        """best <- z on the improved rows, in place (no new (B, D) buffer per step)."""
-        # lerp_ with weight 0/1 is exact when both operands are finite: best always is, and a
-        # finite abs residual in every row (stopped ones included) means z and f(z) are too
-        if (self._lerp_ok and z.dtype == self.best_z.dtype
-                and (self.best_fz is None or fz.dtype == self.best_fz.dtype) and bool(finite.all())):
-            weight = improved.to(self.best_z.dtype).view(-1, *([1] * (self.best_z.dim() - 1)))
-            self.best_z.lerp_(z.view_as(self.best_z), weight)
+    def _keep_best(self, improved: torch.Tensor, z: torch.Tensor, fz: torch.Tensor, donate: bool) -> None:
+        """best <- z (and f(z)) on the improved rows; exact row copies, never a new (B, D) buffer
+        per step unless z's own is taken over."""
+        z = z.reshape(self.best_z.shape)
+        if not self._sync_ok:
+            # no host sync allowed: one fixed elementwise select per tensor
+            mask = improved.view(-1, *([1] * (z.dim() - 1)))
+            torch.where(mask, z, self.best_z, out=self.best_z)
             if self.best_fz is not None:
-                self.best_fz.lerp_(fz.view_as(self.best_fz), weight)
+                torch.where(mask, fz.reshape(self.best_fz.shape), self.best_fz, out=self.best_fz)
             return
-        mask = improved.view(-1, *([1] * (z.dim() - 1)))
-        torch.where(mask, z, self.best_z, out=self.best_z)
+        # the solver synchronises every step anyway: copy only the rows that change, or take
+        # over the donated buffers when most rows improved (the usual case)
+        n = int(improved.sum())
+        if n == 0:
+            return
+        rows = improved.nonzero().squeeze(1)
+        take = donate and 2 * n >= improved.shape[0]
+        if take:
+            kept = (~improved).nonzero().squeeze(1)
+        pairs = [(z, "best_z")]
         if self.best_fz is not None:
-            torch.where(mask, fz, self.best_fz, out=self.best_fz)
+            pairs.append((fz.reshape(self.best_fz.shape), "best_fz"))
+        for src, name in pairs:
+            best = getattr(self, name)
+            if n == improved.shape[0]:
+                if donate:
+                    setattr(self, name, src)
+                else:
+                    best.copy_(src)
+            elif take and src.dtype == best.dtype and src.is_contiguous():
+                src.index_copy_(0, kept, best.index_select(0, kept))
+                setattr(self, name, src)
+            else:
+                best.index_copy_(0, rows, src.index_select(0, rows).to(best.dtype))
 
     def num_active(self) -> int:
         """Number of active samples in the working set (a host sync on CUDA)."""

@@ -1,0 +1,1 @@
+"""Benchmarks of deqfusion against torchdeq and the authors' release: `python -m bench.run --help`."""

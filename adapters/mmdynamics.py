@@ -89,7 +89,7 @@ class Settings:
 _override: Optional[Settings] = None
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -102,7 +102,7 @@ def _parse_options(text: str) -> Dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"{ENV_PREFIX}OPTIONS: expected key=value, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
+        out[key.strip()] = parse_value(value.strip())
     return out
 
 

@@ -106,7 +106,7 @@ def _option(text: str) -> Tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
-    return key.strip(), adapter._parse_value(value.strip())
+    return key.strip(), adapter.parse_value(value.strip())
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -294,13 +294,29 @@ def convergence_report(curves: Dict[str, Any], out: Path, trace_steps: int) -> s
 # the command
 
 
+def _git_state(root: Path) -> Optional[str]:
+    """The project's commit, with "+dirty" when core/ or adapters/ have uncommitted changes."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "core", "adapters"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def _environment(args: argparse.Namespace, upstream: Path) -> Dict[str, Any]:
     import torch
 
     from .mmdynamics_runner import UPSTREAM_COMMIT
 
-    patches = sorted((Path(__file__).resolve().parent.parent / "patches" / "mmdynamics").glob("*.patch"))
+    root = Path(__file__).resolve().parent.parent
+    patches = sorted((root / "patches" / "mmdynamics").glob("*.patch"))
     return {
+        "deqfusion_commit": _git_state(root),
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
         "cpu_count": os.cpu_count(), "torch_threads": args.threads or torch.get_num_threads(),
         "upstream": str(upstream), "upstream_commit": UPSTREAM_COMMIT,
@@ -313,6 +329,10 @@ def run_mmdynamics(args: argparse.Namespace) -> int:
 
     from . import mmdynamics_runner as runner
 
+    if args.threads:  # also for the convergence traces, which run outside the runner
+        import torch
+
+        torch.set_num_threads(args.threads)
     ds = mogonet_data.spec(args.dataset)
     seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
     if not seeds:

@@ -7,13 +7,14 @@ calls.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import statistics
 import time
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class Clock:
@@ -71,65 +72,61 @@ def median_time(fn: Callable[[], object], clock: Clock, repeats: int, budget_s: 
 
 
 # ------------------------------------------------------------------ peak memory
-_libc = None
+class _LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive, counted op by op (a CPU stand-in for CUDA's
+    max_memory_allocated): every storage an op returns is counted once, until it is freed."""
 
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: Dict[int, int] = {}
 
-def _trim() -> None:
-    global _libc
-    gc.collect()
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL("libc.so.6")
-        _libc.malloc_trim(0)
-    except OSError:  # pragma: no cover - not glibc
-        pass
+    def _track(self, t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - storage-less tensors
+            return
+        key = st.data_ptr()
+        if key == 0 or key in self._seen:
+            return
+        n = st.nbytes()
+        self._seen[key] = n
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(st, self._free, key)
 
+    def _free(self, key: int) -> None:
+        self.live -= self._seen.pop(key, 0)
 
-def _proc_status(key: str) -> Optional[float]:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024.0
-    except OSError:  # pragma: no cover - no procfs
-        return None
-    return None
-
-
-def cpu_peak_supported() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return _proc_status("VmHWM") is not None
-    except OSError:
-        return False
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> Optional[float]:
-    """Peak bytes above the starting point while fn() runs, or None if it cannot be measured.
+    """Peak bytes of tensor memory fn() allocates on top of what exists when it starts.
 
-    CUDA: torch.cuda.max_memory_allocated. CPU (Linux): the process's resident-set high-water
-    mark (VmHWM) after returning freed heap to the OS (malloc_trim) and resetting the mark
-    (/proc/self/clear_refs), so that every byte fn allocates is a fresh page.
+    CUDA: torch.cuda.max_memory_allocated. CPU: the same quantity counted by a dispatch mode
+    that follows every storage an op creates until it is freed (allocator-independent, unlike
+    the process's resident set).
     """
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
         return float(torch.cuda.max_memory_allocated(device) - base)
-    _trim()
-    if not cpu_peak_supported():
-        return None
-    base = _proc_status("VmRSS")
-    fn()
-    peak = _proc_status("VmHWM")
-    if base is None or peak is None:
-        return None
-    return max(peak - base, 0.0)
+    counter = _LiveTensorBytes()
+    with counter:
+        fn()
+    return float(counter.peak)
 
 
 def per_sample_residual(f: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor):

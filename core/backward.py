@@ -55,6 +55,7 @@ class _ImplicitBackward(torch.autograd.Function):
 
                 return adjoint_sub
 
+            restrict_adjoint.min_drop = 0.25      # each restriction costs one evaluation of f
         with torch.no_grad():
             # g = J^T g + grad from g = grad: the step from 0 would only give grad back
             g, _, stats = solve(ctx.solver, adjoint, grad_flat.clone(), keep_fz=False, restrict=restrict_adjoint,

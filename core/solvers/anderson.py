@@ -94,7 +94,7 @@ def _anderson(f, z0, *, max_iter, tol, stop_mode, m=6, lam=1e-4, beta=1.0, check
         n_active = checkpoint(tracker, k, check_every)
         if n_active == 0 or k == max_iter - 1:
             break
-        if restrict is not None and worth_compacting(tracker, n_active):
+        if worth_compacting(tracker, n_active, restrict):
             keep = tracker.compact()
             f = restrict(tracker.idx)
             x, fx = x.index_select(0, keep), fx.index_select(0, keep)

@@ -71,7 +71,7 @@ def _broyden(f, z0, *, max_iter, tol, stop_mode, memory=30, check_every=1, diver
         n_active = checkpoint(tracker, k - 1, check_every)
         if n_active == 0:
             break
-        if restrict is not None and worth_compacting(tracker, n_active):
+        if worth_compacting(tracker, n_active, restrict):
             keep = tracker.compact()
             f = restrict(tracker.idx)
             x, gx, update, U, V, valid = x[keep], gx[keep], update[keep], U[keep], V[keep], valid[keep]

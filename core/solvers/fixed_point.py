@@ -42,7 +42,7 @@ def _fixed_point(f, z0, *, max_iter, tol, stop_mode, tau=1.0, check_every=1, div
         n_active = checkpoint(tracker, k, check_every)
         if n_active == 0 or k == max_iter - 1:
             break
-        if restrict is not None and worth_compacting(tracker, n_active):
+        if worth_compacting(tracker, n_active, restrict):
             keep = tracker.compact()
             f = restrict(tracker.idx)
             z, fz = z[keep], fz[keep]

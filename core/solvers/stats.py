@@ -367,9 +367,12 @@ def should_stop(tracker: ConvergenceTracker, k: int, check_every: int) -> bool:
     return checkpoint(tracker, k, check_every) == 0
 
 
-def worth_compacting(tracker: ConvergenceTracker, active: Optional[int], min_drop: float = 0.125) -> bool:
-    """Compact when at least `min_drop` of the working set (and at least one sample) has stopped."""
-    if active is None or active == 0:
+def worth_compacting(tracker: ConvergenceTracker, active: Optional[int], restrict=None) -> bool:
+    """Compact when at least a fraction of the working set (and at least one sample) has stopped:
+    `restrict.min_drop` if the caller set one (a restriction that costs an evaluation of f, like
+    the adjoint's, wants bigger drops), else 1/8."""
+    if restrict is None or active is None or active == 0:
         return False
+    min_drop = getattr(restrict, "min_drop", 0.125)
     dropped = tracker.size - active
     return dropped >= max(1, int(min_drop * tracker.size))

@@ -60,17 +60,25 @@ def _load(name: str, path: Path) -> types.ModuleType:
 def load(path: str) -> types.ModuleType:
     """Import the release's DEQ_fusion module (with its `solver`/`jacobian` siblings) from `path`."""
     root = find_checkout(path)
-    saved = {k: sys.modules.get(k) for k in ("solver", "jacobian", "termcolor", "scipy", "scipy.optimize")}
+    # only what this function puts in sys.modules is put back afterwards: dropping a real
+    # package imported meanwhile (scipy) would leave its submodules orphaned and break later imports
+    replaced = ["solver", "jacobian"]
+    saved: dict = {}
     try:
         try:
             import termcolor  # noqa: F401
         except ImportError:
             stub = types.ModuleType("termcolor")
             stub.colored = lambda text, *a, **k: text
-            sys.modules["termcolor"] = stub
+            replaced.append("termcolor")
         try:
             import scipy.optimize  # noqa: F401
         except ImportError:
+            replaced += ["scipy", "scipy.optimize"]
+        saved = {k: sys.modules.get(k) for k in replaced}
+        if "termcolor" in replaced:
+            sys.modules["termcolor"] = stub
+        if "scipy" in replaced:
             scipy = types.ModuleType("scipy")
             opt = types.ModuleType("scipy.optimize")
             opt.root = None

@@ -107,25 +107,63 @@ def _timed_runs(s: Setup, run: Callable[[], Any], timed: TimedFn, repeats: Optio
     return {"median_s": statistics.median(times), "min_s": min(times), "last_s": times[-1], "runs": len(times)}, out
 
 
-def forward_ours(s: Setup, solver: str) -> Dict[str, Any]:
+@dataclass
+class Prepared:
+    """A contender's forward solve, ready to be timed: run() -> output; finish(timing, output) -> row."""
+    name: str
+    run: Callable[[], Any]
+    timed: TimedFn
+    finish: Callable[[Dict[str, float], Any], Dict[str, Any]]
+    context: Callable[[], Any]
+
+
+def time_interleaved(s: Setup, contenders: List[Prepared], repeats: Optional[int] = None) -> List[Dict[str, Any]]:
+    """Time the contenders round-robin (A B C A B C ...), so that a neighbour's load on a shared
+    machine falls on all of them alike; median per contender."""
+    times: Dict[str, List[float]] = {p.name: [] for p in contenders}
+    last: Dict[str, Any] = {}
+    for r in range(repeats or s.repeats):
+        for p in contenders:
+            if r and sum(times[p.name]) > s.budget_s:
+                continue
+            with p.context(), torch.no_grad():
+                p.timed.reset()
+                t = s.clock.now()
+                last[p.name] = p.run()
+                times[p.name].append(s.clock.now() - t)
+    rows = []
+    for p in contenders:
+        ts = times[p.name]
+        timing = {"median_s": statistics.median(ts), "min_s": min(ts), "last_s": ts[-1], "runs": len(ts)}
+        with p.context(), torch.no_grad():
+            rows.append(p.finish(timing, last[p.name]))
+    return rows
+
+
+def prepare_ours(s: Setup, solver: str) -> Prepared:
     fusion = build_fusion(s, f_solver=solver, f_max_iter=s.max_iter, f_tol=s.tol, f_stop_mode="rel", jac_reg=False).eval()
     xs = make_inputs(s)
     with torch.no_grad():
         f, restrict, z0, _ = shared_map(fusion, xs)
-        timed = TimedFn(f, s.clock)
-        timed_restrict = lambda idx: TimedFn(restrict(idx), s.clock, parent=timed)  # noqa: E731
-        kw = fusion.config.solver_kwargs("f")
+    timed = TimedFn(f, s.clock)
+    kw = fusion.config.solver_kwargs("f")
 
-        def run():
-            return solve(solver, timed, z0, restrict=timed_restrict, **kw)
+    def timed_restrict(idx):
+        return TimedFn(restrict(idx), s.clock, parent=timed)
 
-        timing, (z, _fz, stats) = _timed_runs(s, run, timed)
+    def run():
+        return solve(solver, timed, z0, restrict=timed_restrict, **kw)
+
+    def finish(timing, out):
+        z, _fz, stats = out
         return _record(f"deqfusion {solver}", timing, timed, f, z, z0.shape[0],
                        {"converged": int(stats.converged.sum()), "batch": z0.shape[0],
                         "nstep_max": int(stats.nstep.max()), "nstep_median": float(stats.nstep.float().median())})
 
+    return Prepared(f"deqfusion {solver}", run, timed, finish, _null)
 
-def forward_torchdeq(s: Setup) -> Optional[Dict[str, Any]]:
+
+def prepare_torchdeq(s: Setup) -> Optional[Prepared]:
     try:
         from torchdeq.solver import anderson_solver
     except ImportError:
@@ -135,15 +173,18 @@ def forward_torchdeq(s: Setup) -> Optional[Dict[str, Any]]:
     xs = make_inputs(s)
     with torch.no_grad():
         f, _, z0, _ = shared_map(fusion, xs)
-        timed = TimedFn(f, s.clock)
+    timed = TimedFn(f, s.clock)
 
-        def run():
-            return anderson_solver(timed, z0, max_iter=s.max_iter, tol=s.tol, stop_mode="rel", m=6, lam=1e-4)
+    def run():
+        return anderson_solver(timed, z0, max_iter=s.max_iter, tol=s.tol, stop_mode="rel", m=6, lam=1e-4)
 
-        timing, (z, _, info) = _timed_runs(s, run, timed)
+    def finish(timing, out):
+        z, _, info = out
         conv = int((info["rel_lowest"] <= s.tol).sum()) if "rel_lowest" in info else -1
         return _record("torchdeq anderson", timing, timed, f, z, z0.shape[0],
                        {"converged": conv, "batch": z0.shape[0], "nstep_max": timed.calls})
+
+    return Prepared("torchdeq anderson", run, timed, finish, _null)
 
 
 def _official_unavailable(s: Setup) -> Optional[str]:
@@ -156,38 +197,66 @@ def _official_unavailable(s: Setup) -> Optional[str]:
     return None
 
 
-def forward_official(s: Setup, target_res: float) -> Optional[Dict[str, Any]]:
+def prepare_official(s: Setup, target_res: float) -> Prepared:
     """The release's DEQFusion forward (eval). Its Anderson stops on one residual for the whole
-    batch, so its eps is lowered (halved, from the per-sample tolerance down) until the worst
-    per-sample residual of its answer is no larger than `target_res` (ours), or it runs out of
-    iterations."""
-    why = _official_unavailable(s)
-    if why:
-        return {"contender": "official release", "skipped": why}
+    batch, so its eps is lowered first (halved, from the per-sample tolerance down) until the
+    worst per-sample residual of its answer is no larger than `target_res` (ours), or it runs out
+    of iterations; that eps is then timed."""
     mod = s.official
     ours = build_fusion(s, jac_reg=False)
-    fshared, _, _, _ = shared_map(ours, make_inputs(s))
+    with torch.no_grad():
+        fshared, _, _, _ = shared_map(ours, make_inputs(s))
+    xs = make_inputs(s)
     with official_mod.shims(s.device):
         off = official_mod.build(mod, ours, f_thres=s.max_iter, b_thres=s.max_iter + 1).eval()
-        xs = make_inputs(s)
-        timed = TimedFn(off.func_.forward, s.clock)
-        off.func_.forward = timed
-        eps, tried = s.tol, []
-        with torch.no_grad():
-            for _ in range(12):
-                official_mod.set_solver(mod, off, eps=eps, stop_mode="rel")
-                timing, (_, result) = _timed_runs(s, lambda: official_mod.fused_and_state(mod, off, xs), timed, repeats=1)
-                rmax = per_sample_residual(fshared, result["result"])[0]
-                tried.append({"eps": eps, "res_max": rmax, "f_calls": timed.calls})
-                if rmax <= target_res or timed.calls >= s.max_iter:
-                    break
-                eps /= 2
-            timing, (_, result) = _timed_runs(s, lambda: official_mod.fused_and_state(mod, off, xs), timed)
-            row = _record("official release", timing, timed, fshared, result["result"], xs[0].shape[0],
-                          {"eps": eps, "stop_mode": "rel (whole batch)", "eps_search": tried,
-                           "reached_target": per_sample_residual(fshared, result["result"])[0] <= target_res,
-                           "nstep_max": timed.calls})
-    return row
+    timed = TimedFn(off.func_.forward, s.clock)
+    off.func_.forward = timed
+
+    def run():
+        return official_mod.fused_and_state(mod, off, xs)
+
+    eps, tried = s.tol, []
+    with official_mod.shims(s.device), torch.no_grad():
+        for _ in range(12):
+            official_mod.set_solver(mod, off, eps=eps, stop_mode="rel")
+            timed.reset()
+            _, result = run()
+            rmax = per_sample_residual(fshared, result["result"])[0]
+            tried.append({"eps": eps, "res_max": rmax, "f_calls": timed.calls})
+            if rmax <= target_res or timed.calls >= s.max_iter:
+                break
+            eps /= 2
+
+    def finish(timing, out):
+        _, result = out
+        rmax = per_sample_residual(fshared, result["result"])[0]
+        return _record("official release", timing, timed, fshared, result["result"], xs[0].shape[0],
+                       {"eps": eps, "stop_mode": "rel (whole batch)", "eps_search": tried,
+                        "reached_target": rmax <= target_res, "nstep_max": timed.calls})
+
+    return Prepared("official release", run, timed, finish, lambda: official_mod.shims(s.device))
+
+
+def forward(s: Setup) -> List[Dict[str, Any]]:
+    """deqfusion's Anderson, torchdeq's and the release's, timed round-robin."""
+    ours = prepare_ours(s, "anderson")
+    with torch.no_grad():
+        first = ours.finish({"median_s": 0.0, "min_s": 0.0, "last_s": 0.0, "runs": 0}, ours.run())
+    contenders = [ours]
+    td = prepare_torchdeq(s)
+    if td is not None:
+        contenders.append(td)
+    why = _official_unavailable(s)
+    if why is None:
+        contenders.append(prepare_official(s, target_res=max(first["res_max"], s.tol)))
+    rows = time_interleaved(s, contenders)
+    if why is not None:
+        rows.append({"contender": "official release", "skipped": why})
+    return rows
+
+
+def forward_ours(s: Setup, solver: str, repeats: Optional[int] = None) -> Dict[str, Any]:
+    return time_interleaved(s, [prepare_ours(s, solver)], repeats=repeats)[0]
 
 
 # ------------------------------------------------------------------ training step: time and gradient
@@ -338,30 +407,32 @@ def _grad_error(s: Setup, make: Callable, ref: Dict[str, Any]) -> float:
 
 def training(s: Setup) -> List[Dict[str, Any]]:
     """Per contender: forward and backward time of a training step on the full batch, with the
-    comparison's per-sample tolerance in both solves; the gradient's error against the float64
-    reference (on its sub-batch) at the contender's default tolerances."""
+    comparison's per-sample tolerance in both solves (timed round-robin across contenders); the
+    gradient's error against the float64 reference (on its sub-batch) at the contender's default
+    tolerances."""
     ref = reference_gradient(s)
-    rows = []
-    timed = dict(training_contenders(s, common=True))
-    for name, make_default in training_contenders(s):
-        row: Dict[str, Any] = {"contender": name}
-        xs = make_inputs(s)
-        target = _target(s)
-        step = timed[name](xs)
-        fw: List[float] = []
-        bw: List[float] = []
-        with step.context():
-            for _ in range(s.repeats):
+    defaults = training_contenders(s)
+    common = dict(training_contenders(s, common=True))
+    target = _target(s)
+    steps = {name: common[name](make_inputs(s)) for name, _ in defaults}
+    fw: Dict[str, List[float]] = {name: [] for name in steps}
+    bw: Dict[str, List[float]] = {name: [] for name in steps}
+    for r in range(s.repeats):
+        for name, step in steps.items():
+            if r and sum(fw[name]) + sum(bw[name]) > s.budget_s:
+                continue
+            with step.context():
                 t0 = s.clock.now()
                 loss = _loss(step.forward(), target)
                 t1 = s.clock.now()
                 torch.autograd.grad(loss, step.params, allow_unused=True)
                 t2 = s.clock.now()
-                fw.append(t1 - t0)
-                bw.append(t2 - t1)
-                if sum(fw) + sum(bw) > s.budget_s:
-                    break
-        row.update(train_forward_s=statistics.median(fw), backward_s=statistics.median(bw), train_runs=len(fw))
+            fw[name].append(t1 - t0)
+            bw[name].append(t2 - t1)
+    rows = []
+    for name, make_default in defaults:
+        row: Dict[str, Any] = {"contender": name, "train_forward_s": statistics.median(fw[name]),
+                               "backward_s": statistics.median(bw[name]), "train_runs": len(fw[name])}
         if "grad" in ref:
             row["grad_err"] = _grad_error(s, make_default, ref)
             if name == "deqfusion anderson":
@@ -412,7 +483,8 @@ def memory(s: Setup) -> List[Dict[str, Any]]:
             with step.context():
                 def run(step=step, target=target):
                     torch.autograd.grad(_loss(step.forward(), target), step.params, allow_unused=True)
-                run()                       # warm-up: one-time allocations are not the step's
+                if s.device.type == "cuda":
+                    run()                   # warm-up: CUDA's one-time workspaces are not the step's
                 peaks[n_it] = peak_memory(run, s.device)
         if any(v is None for v in peaks.values()):
             row["note"] = "peak memory not measurable on this platform"

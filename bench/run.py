@@ -44,6 +44,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", default="bench_results.json", help="where to write the numbers (default %(default)s)")
     p.add_argument("--markdown", default=None, help="also write a Markdown report here (e.g. docs/benchmarks.md)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", metavar="JSON", help="only re-render the tables of an earlier run's JSON (with --markdown)")
     return p.parse_args(argv)
 
 
@@ -140,9 +141,10 @@ def machine() -> Dict[str, Any]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
             "cpu": cpu, "cpus": os.cpu_count()}
     try:
-        import torchdeq
-        info["torchdeq"] = getattr(torchdeq, "__version__", "installed")
-    except ImportError:
+        from importlib.metadata import version
+
+        info["torchdeq"] = version("torchdeq")
+    except Exception:  # noqa: BLE001 - not installed, or no metadata
         info["torchdeq"] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
@@ -164,11 +166,22 @@ def markdown(results: Dict[str, Any]) -> str:
              f"{'paper Eq. 8' if a['eq8'] else 'the release form (+z_i before the last ReLU)'}; default PyTorch initialisation, "
              "inputs N(0, 1)",
              f"- total run time: {results['elapsed_s']:.0f} s wall-clock", ""]
+    lines += ["Reproduce: `pip install -e .[bench]`, clone the authors' release "
+              "(`git clone https://github.com/jinhong-ni/DEQFusion`), then run the command above with `--official` "
+              "pointing at the clone (without it, the release's rows are left out). `python -m bench.run --quick` is "
+              "the seconds-long smoke version (tests/test_bench_smoke.py); `--device cuda` runs on a GPU.", ""]
     lines += ["## Targets", ""] + summary(results) + [""] + verdicts(results) + [""]
     lines += ["## Per shape", ""]
     for name, res in results["shapes"].items():
         lines += [f"### {name}: {res['describe']}", ""] + shape_table(res) + [""]
-        for note in res.get("notes", []):
+        notes = list(res.get("notes", []))
+        fwd = {r["contender"]: r for r in res.get("forward", []) if "skipped" not in r}
+        if fwd and all(r.get("converged", 1) == 0 for r in fwd.values() if "converged" in r):
+            notes.insert(0, f"no contender brings any sample to the tolerance within {a['max_iter']} steps here: at "
+                            "default initialisation this map is not contracting (plain iteration stalls near a relative "
+                            "residual of 0.5), so the forward times are for the step cap and the residuals compare "
+                            "what each reaches")
+        for note in notes:
             lines.append(f"- {note}")
         lines.append("")
     lines += ["## Columns", "",
@@ -214,7 +227,13 @@ def verdicts(results: Dict[str, Any]) -> List[str]:
             for other, key, need in ((td, "forward >= 1.5x torchdeq", 1.5), (off, "forward >= 3x the release", 3.0)):
                 if other:
                     speed = other["forward_s"] / ours["forward_s"]
-                    judge(key, name, speed, speed >= need and ours["res_max"] <= other["res_max"] * 1.05 + 1e-12, "{:.2f}x")
+                    # at the same per-sample tolerance: the worst sample no worse than the other's worst
+                    # or than the tolerance (5% slack for rounding)
+                    tol = results["args"]["tol"]
+                    same = ours["res_max"] <= 1.05 * max(other["res_max"], tol)
+                    fmt = "{:.2f}x" + (", no sample reached the tolerance: time for the step cap"
+                                       if ours.get("converged") == 0 else "")
+                    judge(key, name, speed, speed >= need and same, fmt)
         mo = mem.get("deqfusion anderson", {})
         if "ratio" in mo:
             judge("training memory @100 <= 1.1x @10", name, mo["ratio"], mo["ratio"] <= 1.1, "{:.2f}")
@@ -224,7 +243,10 @@ def verdicts(results: Dict[str, Any]) -> List[str]:
         if t.get("train_forward_s"):
             ratio = t["backward_s"] / t["train_forward_s"]
             judge("backward time <= forward time", name, ratio, ratio <= 1.0, "{:.2f}")
-    keys = list(dict.fromkeys(list(met) + list(missed)))
+    order = ["Anderson overhead <= 10%", "forward >= 3x the release", "forward >= 1.5x torchdeq",
+             "training memory @100 <= 1.1x @10", "gradient error <= 1e-4 at default tolerances",
+             "backward time <= forward time"]
+    keys = [k for k in order if k in met or k in missed]
     out = ["Verdicts of this run:", ""]
     for k in keys:
         parts = []
@@ -248,12 +270,14 @@ NOTES = [
     "very different steps (BRCA-, MM-IMDB-like) and small where they converge together (VQA-like). On CPU, f for "
     "a few samples still reads every weight, so the time saved is less than the samples saved when the weights "
     "are large (VQA-like: 16 MB per linear map).",
-    "- **Solver overhead.** Each Anderson step reads its two windows of m=6 past states (one for the new Gram "
-    "row, one for the mixing): 12 states' worth of memory traffic, which on this shared VM comes from DRAM "
-    "because f's weights and activations evict it. That, not arithmetic, is most of the overhead; it is small "
-    "where f is expensive per byte of state (VQA-like: wide matrices) and larger where the state is large "
-    "relative to f's work (MM-IMDB-, BRCA-, ImVoteNet-like). torchdeq additionally recomputes the whole Gram "
-    "matrix and copies the window every step.",
+    "- **Solver overhead.** An Anderson step of deqfusion costs O(mD) per sample: the newest Gram row and "
+    "the mixing each read one window of m=6 past states (12 states' worth of memory traffic, from DRAM once "
+    "f has evicted them), plus about 95 small tensor operations on per-sample vectors (residuals, the 6x6 "
+    "systems, the per-sample bookkeeping), each costing a few microseconds of dispatch whatever its size. "
+    "On the MM-IMDB-like shape that is about 1 ms a step against 5 ms for f: roughly half memory traffic, "
+    "half dispatch. Where f is expensive per byte of state (VQA-like: 2048-wide matrices) it is 5%; no "
+    "shape with a cheaper f got under 18% in pure PyTorch on this CPU. torchdeq recomputes the whole Gram "
+    "matrix and rebuilds the window every step (O(m^2 D)).",
     "- **Memory.** The implicit backward keeps one graph of f; the solvers keep fixed-size windows; so the "
     "training step's peak does not grow with the iteration count (ratio ~1). The unrolled weight-tied mode keeps "
     "every step's activations and grows linearly.",
@@ -275,6 +299,14 @@ NOTES = [
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        with open(args.render) as fh:
+            results = json.load(fh)
+        print("\n".join(summary(results)))
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write(markdown(results))
+        return 0
     t_start = time.time()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

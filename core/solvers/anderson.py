@@ -2,8 +2,9 @@
 
 Type-II Anderson with window m, as in locuslab/deq and torchdeq, with three changes that their
 users asked for: the Tikhonov term is relative to the sample's own Gram matrix (scale-free), the
-bordered (m+1)x(m+1) systems are solved in float64 whatever the state dtype (bf16 works), and a
-sample whose system is singular or non-finite takes a plain fixed-point step instead of failing.
+small least-squares systems (their bordered (m+1)x(m+1) form, with the constraint eliminated) are
+solved in float64 whatever the state dtype (bf16 works), and a sample whose system is singular or
+non-finite takes a plain fixed-point step instead of failing.
 
 Cost per iteration, besides the one evaluation of f, is O(m D) per sample and allocates no
 (B, m, D) temporary: the window keeps f(x_j) and the residuals g_j = f(x_j) - x_j in two

@@ -186,11 +186,12 @@ class RunResult:
     upstream_log: str = ""
     model: Any = None                      # the trained model when RunSpec.keep_model
     test_inputs: Any = None                # the upstream's normalised test tensors when keep_model
+    traces: Any = None                     # name -> (samples, steps) residuals, see run_traces
 
     def to_json(self) -> Dict[str, Any]:
         d = asdict(self)
-        d.pop("model")
-        d.pop("test_inputs")
+        for key in ("model", "test_inputs", "traces"):
+            d.pop(key)
         return d
 
 
@@ -454,16 +455,25 @@ def trace_residuals(deq: torch.nn.Module, xs: Sequence[torch.Tensor], *, solver:
     return stats.rel_trace[:, :steps].double().cpu().numpy()
 
 
+def run_traces(run: RunResult, *, steps: int = 100) -> Dict[str, np.ndarray]:
+    """Fig. 3 traces of one kept run on its test inputs: a DEQ-trained fusion by its own solver and by
+    plain iteration; a weight-tied (unrolled-mode) fusion by plain iteration, as it was trained."""
+    if run.model is None:
+        raise ValueError("run_traces needs a run made with RunSpec(keep_model=True)")
+    xs = fusion_inputs(run.model, run.test_inputs)
+    deq = adapter.model_fusion(run.model).deq
+    if deq.config.mode == "unrolled":
+        name = f"weight-tied fusion (trained unrolled {deq.config.unroll_steps} steps; plain iteration)"
+        return {name: trace_residuals(deq, xs, solver="fixed_point_iter", steps=steps)}
+    return {f"DEQ fusion ({deq.config.f_solver})": trace_residuals(deq, xs, solver=deq.config.f_solver, steps=steps),
+            "DEQ fusion (plain iteration)": trace_residuals(deq, xs, solver="fixed_point_iter", steps=steps)}
+
+
 def convergence_curves(deq_run: RunResult, tied_run: RunResult, *, steps: int = 100) -> Dict[str, Any]:
-    """Fig. 3: the DEQ-trained fusion (its own solver, and plain iteration) vs the weight-tied model."""
+    """Fig. 3: the DEQ-trained fusion (its own solver, and plain iteration) vs the weight-tied model.
+
+    Either run may carry its traces already (computed where it was trained) instead of its model."""
     traces: Dict[str, np.ndarray] = {}
-    deq_model, tied_model = deq_run.model, tied_run.model
-    xs = fusion_inputs(deq_model, deq_run.test_inputs)
-    deq = adapter.model_fusion(deq_model).deq
-    traces[f"DEQ fusion ({deq.config.f_solver})"] = trace_residuals(deq, xs, solver=deq.config.f_solver, steps=steps)
-    traces["DEQ fusion (plain iteration)"] = trace_residuals(deq, xs, solver="fixed_point_iter", steps=steps)
-    xs_t = fusion_inputs(tied_model, tied_run.test_inputs)
-    tied = adapter.model_fusion(tied_model).deq
-    traces[f"weight-tied fusion (trained unrolled {tied.config.unroll_steps} steps; plain iteration)"] = trace_residuals(
-        tied, xs_t, solver="fixed_point_iter", steps=steps)
+    for run in (deq_run, tied_run):
+        traces.update(run.traces if run.traces is not None else run_traces(run, steps=steps))
     return {"traces": traces}

@@ -151,6 +151,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 (the documented numbers) avoids the large slowdown of "
                         "oversubscribed cores; 0 = torch's default")
+    m.add_argument("--jobs", type=int, default=0,
+                   help="training runs at once, each in its own process with --threads torch threads; "
+                        "0 = one per --threads CPUs (1 on CUDA)")
     m.add_argument("--out", type=Path, default=None, help="output folder (default runs/mmdynamics-<dataset>-<time>)")
     m.add_argument("--convergence", dest="convergence", action="store_true", default=True,
                    help="Fig. 3 / Table 9 for the first seed (adds one weight-tied training run)")
@@ -328,6 +331,7 @@ def run_mmdynamics(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import mmdynamics_runner as runner
+    from . import run_pool
 
     if args.threads:  # also for the convergence traces, which run outside the runner
         import torch
@@ -369,12 +373,12 @@ def run_mmdynamics(args: argparse.Namespace) -> int:
                      replace(conv_row.settings, options={**conv_row.settings.options, "mode": "unrolled",
                                                          "unroll_steps": args.unroll_steps}),
                      table="convergence")
-    jobs: List[Tuple[Row, str, int]] = [(r, p, s) for r in rows for p in protocols for s in seeds]
+    jobs_all: List[Tuple[Row, str, int]] = [(r, p, s) for r in rows for p in protocols for s in seeds]
     if wt_row is not None:
-        jobs.append((wt_row, protocols[0], conv_seed))
+        jobs_all.append((wt_row, protocols[0], conv_seed))
     # the convergence analysis needs the trained models, so those runs are redone on --resume
     keep = {(conv_row.key, protocols[0], conv_seed), (wt_row.key, protocols[0], conv_seed)} if conv_row else set()
-    todo = [j for j in jobs if (j[0].key, j[1], j[2]) not in done or (j[0].key, j[1], j[2]) in keep]
+    todo = [j for j in jobs_all if (j[0].key, j[1], j[2]) not in done or (j[0].key, j[1], j[2]) in keep]
     runs = [r for r in runs if (r["row"], r["protocol"], r["seed"]) not in {(j[0].key, j[1], j[2]) for j in todo}]
 
     epochs = args.epochs or runner.UPSTREAM_HPARAMS[ds.name]["epochs"] + 1
@@ -394,27 +398,46 @@ def run_mmdynamics(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(payload, indent=1, default=str))
         os.replace(tmp, out / "results.json")
 
+    # longest runs first, so that parallel workers finish together: DEQ rows, the weight-tied run, baselines
+    todo.sort(key=lambda j: (j[0].settings.fusion == "concat", j[0].table == "convergence"))
+    tasks = [run_pool.Task(runner.RunSpec(dataset=ds.name, data_dir=data_dir, seed=seed, settings=row.settings,
+                                          protocol=proto, val_fraction=args.val_fraction, modalities=row.modalities,
+                                          epochs=args.epochs, device=args.device, threads=args.threads,
+                                          keep_model=(row.key, proto, seed) in keep),
+                           trace_steps=args.trace_steps)
+             for row, proto, seed in todo]
+    jobs = args.jobs or run_pool.default_jobs(args.threads, args.device, len(tasks))
+    meta["jobs"] = jobs
+    counted = [0] * len(tasks)
+    finished = [False] * len(tasks)
     bar = tqdm(total=len(todo) * epochs, unit="epoch", disable=args.quiet, dynamic_ncols=True, file=sys.stderr)
+    bar.set_postfix_str(f"{jobs} worker(s)")
+
+    def on_epoch(i: int) -> None:
+        if not finished[i]:
+            counted[i] += 1
+            bar.update(1)
+
+    def on_done(i: int, result: Any) -> None:
+        row, proto, seed = todo[i]
+        finished[i] = True
+        bar.update(max(0, epochs - counted[i]))  # runs may stop early; keep the bar honest
+        rec = result.to_json()
+        rec["row"] = row.key
+        runs.append(rec)
+        log_name = f"{row.key.replace(':', '-').replace('@', '-at-')}-{proto}-seed{seed}.log"
+        (out / "logs" / log_name).write_text(result.upstream_log)
+        if tasks[i].spec.keep_model:
+            kept[row.key] = result
+        bar.set_postfix_str(f"{jobs} worker(s); done {row.key} {proto} seed {seed}")
+        save()
+
     try:
-        for row, proto, seed in todo:
-            bar.set_postfix_str(f"{row.key} {proto} seed {seed}")
-            spec = runner.RunSpec(dataset=ds.name, data_dir=data_dir, seed=seed, settings=row.settings,
-                                  protocol=proto, val_fraction=args.val_fraction, modalities=row.modalities,
-                                  epochs=args.epochs, device=args.device, threads=args.threads,
-                                  keep_model=(row.key, proto, seed) in keep)
-            before = bar.n
-            result = runner.run(spec, upstream, on_epoch=lambda _e: bar.update(1))
-            bar.update(before + epochs - bar.n)  # runs may stop early; keep the bar honest
-            rec = result.to_json()
-            rec["row"] = row.key
-            runs.append(rec)
-            log_name = f"{row.key.replace(':', '-').replace('@', '-at-')}-{proto}-seed{seed}.log"
-            (out / "logs" / log_name).write_text(result.upstream_log)
-            if spec.keep_model:
-                kept[row.key] = result
-            save()
+        run_pool.run_tasks(tasks, upstream, jobs=jobs, threads=args.threads, on_epoch=on_epoch, on_done=on_done)
     finally:
         bar.close()
+    order = {(r.key, p, s): n for n, (r, p, s) in enumerate(jobs_all)}
+    runs.sort(key=lambda r: order.get((r["row"], r["protocol"], r["seed"]), -1))
 
     summary = summarize(runs, rows, cols)
     text = render_tables(summary, rows, cols, ds, report_protocols)
@@ -434,7 +457,8 @@ def run_mmdynamics(args: argparse.Namespace) -> int:
     for r in runs:
         per_row.setdefault(r["row"], []).append(r["wall_s"])
     timing = ["", f"Wall time: {wall / 60:.1f} min for {len(todo)} runs "
-                  f"({meta['environment']['torch_threads']} torch threads, {meta['environment']['cpu_count']} CPUs).",
+                  f"({jobs} at once, {meta['environment']['torch_threads']} torch thread(s) each, "
+                  f"{meta['environment']['cpu_count']} CPUs).",
               "Mean time per run: " + ", ".join(f"{k} {sum(v) / len(v):.1f} s" for k, v in per_row.items()) + "."]
     text += "\n".join(timing) + "\n"
     header = (f"# MM-Dynamics reproduction: {ds.name}\n\n`{meta['command']}`\n\n"

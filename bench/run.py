@@ -22,6 +22,7 @@ import torch
 
 from . import measure
 from . import official as official_mod
+from .captured import captured
 from .common import Clock
 from .shapes import QUICK, SHAPES
 
@@ -40,6 +41,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--eq8", action="store_true", help="use the paper's Eq. 8 blocks (no +z_i); the release cannot run then")
     p.add_argument("--skip", nargs="*", default=[], choices=["forward", "training", "memory", "solvers"],
                    help="parts to leave out ('solvers': Broyden and fixed-point in the forward table)")
+    p.add_argument("--captured", action="store_true",
+                   help="also time eager vs torch.compile(mode='reduce-overhead') of the sync-free solve (compiles: minutes on CPU)")
+    p.add_argument("--captured-iters", type=int, default=12, help="fixed solver steps of the captured comparison")
     p.add_argument("--all-solvers", action="store_true", help="Broyden and fixed-point rows for the largest state too")
     p.add_argument("--json", default="bench_results.json", help="where to write the numbers (default %(default)s)")
     p.add_argument("--markdown", default=None, help="also write a Markdown report here (e.g. docs/benchmarks.md)")
@@ -95,6 +99,19 @@ def shape_table(res: Dict[str, Any]) -> List[str]:
             f"| {_pct(f.get('overhead'))} | {_e(f.get('res_max'))} | {_e(f.get('res_median'))} "
             f"| {_ms(t.get('train_forward_s'))} | {_ms(t.get('backward_s'))} | {'-' if ratio is None else f'{ratio:.2f}'} "
             f"| {grad} | {_mb(m.get(f'peak_{lo}'))} | {peak_hi} | {_ratio(m.get('ratio'))} |")
+    return lines
+
+
+def captured_table(results: Dict[str, Any]) -> List[str]:
+    """Eager vs captured, per shape and part (forward solve, training step)."""
+    lines = ["| shape | part | steps | eager, default mode ms | eager, check_every=0 ms | captured ms | captured speed-up "
+             "| compile s | max difference |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, res in results["shapes"].items():
+        for r in res.get("captured", []):
+            diff = (f"{r['max_abs_diff']:.1e} (abs, fused)" if "max_abs_diff" in r
+                    else f"{r['max_rel_grad_diff']:.1e} (rel, grads)")
+            lines.append(f"| {name} | {r['part']} | {r['iters']} | {_ms(r['eager_default_s'])} | {_ms(r['eager_s'])} "
+                         f"| {_ms(r['captured_s'])} | {r['speedup']:.2f}× | {r['compile_s']:.0f} | {diff} |")
     return lines
 
 
@@ -170,7 +187,20 @@ def markdown(results: Dict[str, Any]) -> str:
               "(`git clone https://github.com/jinhong-ni/DEQFusion`), then run the command above with `--official` "
               "pointing at the clone (without it, the release's rows are left out). `python -m bench.run --quick` is "
               "the seconds-long smoke version (tests/test_bench_smoke.py); `--device cuda` runs on a GPU.", ""]
-    lines += ["## Targets", ""] + summary(results) + [""] + verdicts(results) + [""]
+    parts = {k for res in results["shapes"].values() for k in ("forward", "training", "memory", "captured") if k in res}
+    if parts - {"captured"}:
+        lines += ["## Targets", ""] + summary(results) + [""] + verdicts(results) + [""]
+    if "captured" in parts:
+        lines += ["## Eager vs captured (check_every=0 under torch.compile(mode=\"reduce-overhead\"))", "",
+                  "Forward solve (eval) and training step (forward + implicit backward, no Jacobian term) with a fixed "
+                  "number of solver steps and no early exit; `bench/captured.py` says what is compiled and what runs "
+                  "eagerly. 'eager, default mode' is the uncompiled layer with its default early exit "
+                  "(check_every=1, converged samples dropped) at the same step cap.", ""]
+        if results.get("captured_command"):
+            lines += [f"Measured by `{results['captured_command']}` and merged into this report.", ""]
+        lines += captured_table(results) + [""]
+    if not parts - {"captured"}:
+        return "\n".join(lines)
     lines += ["## Per shape", ""]
     for name, res in results["shapes"].items():
         lines += [f"### {name}: {res['describe']}", ""] + shape_table(res) + [""]
@@ -369,12 +399,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "memory" not in args.skip:
             res["memory"] = measure.memory(s)
             print("  memory: " + ", ".join(f"{r['contender']} {r.get('ratio', float('nan')):.2f}x" for r in res["memory"]), flush=True)
-        print("\n".join(shape_table(res)), flush=True)
+        if args.captured:
+            res["captured"] = captured(s, iters=args.captured_iters)
+            print("  captured: " + ", ".join(f"{r['part']} {r['speedup']:.2f}x (compile {r['compile_s']:.0f} s)"
+                                            for r in res["captured"]), flush=True)
+        if set(res) & {"forward", "training", "memory"}:
+            print("\n".join(shape_table(res)), flush=True)
         results["shapes"][name] = res
         for r in res.get("forward", []):
             r.pop("residuals", None) if len(r.get("residuals", [])) > 1024 else None
     results["elapsed_s"] = time.time() - t_start
-    print("\nTargets:\n" + "\n".join(summary(results)))
+    if any(set(r) & {"forward", "training", "memory"} for r in results["shapes"].values()):
+        print("\nTargets:\n" + "\n".join(summary(results)))
+    if args.captured:
+        print("\nEager vs captured:\n" + "\n".join(captured_table(results)))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1, default=str)

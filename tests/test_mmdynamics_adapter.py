@@ -168,8 +168,35 @@ def test_cli_surface():
         parser.parse_args(["reproduce", "mmdynamics", "--ablation", "bogus"])
     # BRCA keeps the paper's settings: Jacobian weight 20, 105 / 106 solver steps
     args = parser.parse_args(["reproduce", "mmdynamics", "--dataset", "brca"])
-    assert args.threads == 1
+    assert args.threads == 1 and args.jobs == 0
     (deq_row,) = [r for r in reproduce.build_rows(args, reproduce.mogonet_data.spec("brca")) if r.settings.fusion == "deq"]
     assert deq_row.settings.jac_weight == 20 and deq_row.settings.options == {}
     assert deq_row.settings.fusion_kwargs() == {"f_max_iter": 105, "b_max_iter": 106, "ablation": "full"}
     assert "b_max_iter=106" in deq_row.settings.describe()
+
+
+def test_default_jobs_one_worker_per_threads_cores(monkeypatch):
+    from deqfusion.adapters import run_pool
+
+    monkeypatch.setattr(run_pool.os, "cpu_count", lambda: 8)
+    assert run_pool.default_jobs(1, "cpu", 21) == 8      # one single-threaded run per core
+    assert run_pool.default_jobs(2, "cpu", 21) == 4      # never more threads than cores
+    assert run_pool.default_jobs(1, "cpu", 3) == 3       # no idle workers
+    assert run_pool.default_jobs(3, "cpu", 21) == 2
+    assert run_pool.default_jobs(16, "cpu", 21) == 1
+    assert run_pool.default_jobs(0, "cpu", 21) == 1      # torch's own thread count: one run at a time
+    assert run_pool.default_jobs(1, "cuda", 21) == 1     # one GPU: runs queue on it
+
+
+def test_run_tasks_reports_a_failing_worker(tmp_path):
+    """A run that fails in a worker raises here, naming the cause; runs already done were delivered."""
+    from deqfusion.adapters import mmdynamics_runner as R
+    from deqfusion.adapters import run_pool
+
+    bad = R.RunSpec("ROSMAP", tmp_path, seed=0, epochs=0, device="cpu", threads=1,
+                    settings=A.Settings(fusion="concat"))
+    done = []
+    with pytest.raises(R.UpstreamError):
+        run_pool.run_tasks([run_pool.Task(bad), run_pool.Task(bad)], tmp_path / "no-clone", jobs=2, threads=1,
+                           on_epoch=lambda i: None, on_done=lambda i, r: done.append(i))
+    assert done == []

@@ -180,3 +180,28 @@ def test_reproduce_command_end_to_end(clones, rosmap, tmp_path):
     assert len(res["runs"]) == 3 and res["summary"]["upstream"]["deq:full"]["acc"][0] >= 0
     assert (out / "convergence.png").stat().st_size > 1000 and (out / "table.csv").is_file()
     assert len(list((out / "logs").glob("*.log"))) == 3
+
+
+def test_reproduce_parallel_workers_give_the_serial_numbers(clones, rosmap, tmp_path):
+    """--jobs 2 (spawned workers, traces computed there) reproduces --jobs 1 exactly: every run seeds itself."""
+    pytest.importorskip("deqfusion.layer")
+    from deqfusion.cli import main
+
+    results = {}
+    for jobs in (1, 2):
+        out = tmp_path / f"jobs{jobs}"
+        code = main(["reproduce", "mmdynamics", "--dataset", "rosmap", "--seed-list", "0,1", "--epochs", "2",
+                     "--data-dir", str(SHARED), "--upstream", str(clones["patched"]), "--out", str(out),
+                     "--option", "f_max_iter=6", "--option", "b_max_iter=6", "--unroll-steps", "2",
+                     "--trace-steps", "8", "--device", "cpu", "--threads", "1", "--jobs", str(jobs), "--quiet"])
+        assert code == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["jobs"] == jobs
+        results[jobs] = (res, (out / "convergence.csv").read_text())
+    (serial, serial_csv), (parallel, parallel_csv) = results[1], results[2]
+    key = [(r["row"], r["seed"]) for r in serial["runs"]]
+    assert key == [(r["row"], r["seed"]) for r in parallel["runs"]]  # same order, whatever finished first
+    assert key == [("concat", 0), ("concat", 1), ("deq:full", 0), ("deq:full", 1), ("weight-tied:2", 0)]
+    for a, b in zip(serial["runs"], parallel["runs"]):
+        assert a["metrics"] == b["metrics"] and a["fusion_stats"] == b["fusion_stats"]
+    assert serial_csv == parallel_csv and serial_csv.count("\n") == 9

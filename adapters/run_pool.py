@@ -1,0 +1,112 @@
+"""Run independent training runs side by side: one worker process per core, one torch thread each.
+
+Runs of different seeds and rows share nothing, so on a machine with C cores, C single-threaded runs
+at once use every core without the large slowdown of oversubscribed intra-op threads (two torch
+threads on a busy second core wait on each other at every operation).  Workers are *spawned*, not
+forked (a forked torch with live OpenMP threads can hang), and report each finished epoch through a
+queue that drives the parent's progress bar.  Each run is seeded by the runner itself, so a run
+gives the same numbers in a worker as in the parent process (tested).
+
+A kept run (``RunSpec.keep_model``) is analysed where it was trained: its convergence traces
+(paper Fig. 3) are computed in the worker and the model itself is not sent back.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue as queue_mod
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+from . import mmdynamics_runner as runner
+
+
+@dataclass(frozen=True)
+class Task:
+    """One training run; ``trace_steps`` > 0 computes its convergence traces (needs keep_model)."""
+
+    spec: runner.RunSpec
+    trace_steps: int = 0
+
+
+def default_jobs(threads: int, device: str, num_tasks: int) -> int:
+    """Workers to use when the user does not say: one per ``threads`` cores on CPU, one on a GPU."""
+    if device == "cuda" or threads <= 0:
+        return 1
+    return max(1, min(num_tasks, (os.cpu_count() or 1) // threads))
+
+
+def execute(task: Task, upstream: Path, on_epoch: Optional[Callable[[int], None]] = None) -> runner.RunResult:
+    """Train one task and, for a kept run, replace the model by its convergence traces."""
+    result = runner.run(task.spec, upstream, on_epoch=on_epoch)
+    if task.spec.keep_model and task.trace_steps > 0:
+        result.traces = runner.run_traces(result, steps=task.trace_steps)
+        result.model = None
+        result.test_inputs = None
+    return result
+
+
+_progress: Any = None  # the worker's end of the progress queue
+
+
+def _init_worker(progress: Any, threads: int) -> None:
+    global _progress
+    _progress = progress
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _work(index: int, task: Task, upstream: Path) -> runner.RunResult:
+    return execute(task, upstream, on_epoch=lambda _e: _progress.put(index))
+
+
+def run_tasks(
+    tasks: Sequence[Task],
+    upstream: Path,
+    *,
+    jobs: int,
+    threads: int,
+    on_epoch: Callable[[int], None],
+    on_done: Callable[[int, runner.RunResult], None],
+) -> None:
+    """Run ``tasks`` on ``jobs`` workers (in this process when ``jobs`` is 1), longest first as given.
+
+    ``on_epoch(i)`` is called in this process for each finished epoch of task ``i``, ``on_done(i,
+    result)`` when task ``i`` finishes.  A failing run stops the rest (queued tasks are cancelled,
+    running ones finish) and its exception is raised here; results already delivered stay delivered.
+    """
+    if jobs <= 1 or len(tasks) <= 1:
+        for i, task in enumerate(tasks):
+            on_done(i, execute(task, upstream, on_epoch=lambda _e, i=i: on_epoch(i)))
+        return
+    ctx = multiprocessing.get_context("spawn")
+    progress = ctx.Queue()
+
+    def drain(timeout: float) -> None:
+        try:
+            on_epoch(progress.get(timeout=timeout))
+            while True:
+                on_epoch(progress.get_nowait())
+        except queue_mod.Empty:
+            pass
+
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx, initializer=_init_worker,
+                             initargs=(progress, threads)) as pool:
+        futures: Dict[Future, int] = {pool.submit(_work, i, t, upstream): i for i, t in enumerate(tasks)}
+        pending = set(futures)
+        try:
+            while pending:
+                drain(0.5)
+                done, pending = wait(pending, timeout=0, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    result = fut.result()  # re-raises a worker's exception
+                    drain(0.0)
+                    on_done(futures[fut], result)
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise

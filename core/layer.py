@@ -44,6 +44,16 @@ def _compiler_disable(fn):
     return disable(fn)
 
 
+def _compiling() -> bool:
+    """True while torch.compile traces (a logging call there would split the graph)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if check is None:  # pragma: no cover - torch < 2.3
+        from torch import _dynamo
+
+        check = _dynamo.is_compiling
+    return bool(check())
+
+
 @_compiler_disable
 def _attach_implicit_grad(f, z_star: torch.Tensor, cfg: FusionConfig, stats: SolverStats, with_jac: bool,
                           restrict=None):
@@ -196,7 +206,7 @@ class DEQFusion(nn.Module):
             jac_loss = jac if jac is not None else zero
         else:
             fz = fz_star
-        if log.isEnabledFor(logging.DEBUG):
+        if not _compiling() and log.isEnabledFor(logging.DEBUG):
             log.debug("DEQFusion forward: %s", stats.summary())
         return FusionOutput(self._fused(unpack(fz)), jac_loss, stats)
 

@@ -201,3 +201,15 @@ def test_solvers_never_write_into_f_outputs_or_z0(solver, check_every):
 
     z, _fz, stats = solve(solver, identity, z0, max_iter=3, tol=1e-12, stop_mode="abs", check_every=check_every)
     assert torch.equal(z0, z0_copy) and torch.equal(z, z0) and stats.converged.all()
+
+
+def test_sync_free_inference_is_one_graph_without_breaks():
+    """check_every=0 in eval: the whole DEQFusion forward (projections, solve, fused output) is one
+    torch.compile graph, which is what CUDA graphs (mode="reduce-overhead") need to capture it."""
+    torch.manual_seed(0)
+    fusion = DEQFusion(16, 2, in_dims=[8, 16], check_every=0, f_max_iter=4).eval()
+    xs = [torch.randn(3, 8), torch.randn(3, 16)]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(lambda xs: fusion(xs).fused)(xs)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons

@@ -36,6 +36,21 @@ def _timed(s: Setup, fn, repeats: int) -> float:
     return times[len(times) // 2]
 
 
+def _compare(s: Setup, part: str, iters: int, run, models, repeats: int, diff) -> Dict[str, Any]:
+    """Time run(model)() for the eager default, eager sync-free and compiled models; diff(compiled, eager)."""
+    default, free, compiled = models
+    ref = run(free)()
+    t0 = time.perf_counter()
+    out = run(compiled)()
+    run(compiled)()                        # reduce-overhead records its graph on a later call
+    compile_s = time.perf_counter() - t0
+    eager_default = _timed(s, run(default), repeats)
+    eager_free = _timed(s, run(free), repeats)
+    comp_free = _timed(s, run(compiled), repeats)
+    return {"part": part, "iters": iters, "eager_default_s": eager_default, "eager_s": eager_free,
+            "captured_s": comp_free, "speedup": eager_free / comp_free, "compile_s": compile_s, **diff(out, ref)}
+
+
 def captured(s: Setup, iters: int = 12) -> List[Dict[str, Any]]:
     """Rows: eager default, eager sync-free, compiled sync-free; for the forward solve and a training step."""
     xs = make_inputs(s)
@@ -44,55 +59,30 @@ def captured(s: Setup, iters: int = 12) -> List[Dict[str, Any]]:
     fixed = dict(f_max_iter=iters, b_max_iter=iters, f_tol=s.tol, b_tol=s.tol, jac_reg=False)
     default = build_fusion(s, **fixed)
     free = build_fusion(s, check_every=0, **fixed)
-    compiled = torch.compile(free, mode="reduce-overhead")
-    rows: List[Dict[str, Any]] = []
+    models = (default, free, torch.compile(free, mode="reduce-overhead"))
 
-    # forward solve (inference)
     def infer(m):
         def run():
             with torch.no_grad():
                 return m(xs).fused
         return run
 
-    default.eval()
-    free.eval()
-    with torch.no_grad():
-        ref = free(xs).fused
-    t0 = time.perf_counter()
-    out = infer(compiled)()
-    infer(compiled)()                      # reduce-overhead records its graph on a later call
-    compile_fwd = time.perf_counter() - t0
-    diff_fwd = float((out.float() - ref.float()).abs().max())
-    eager_default = _timed(s, infer(default), repeats)
-    eager_free = _timed(s, infer(free), repeats)
-    comp_free = _timed(s, infer(compiled), repeats)
-    rows.append({"part": "forward solve", "iters": iters, "eager_default_s": eager_default, "eager_s": eager_free,
-                 "captured_s": comp_free, "speedup": eager_free / comp_free, "compile_s": compile_fwd,
-                 "max_abs_diff": diff_fwd})
-
-    # training step: forward + implicit backward
-    default.train()
-    free.train()
-    params = list(free.parameters())
-
     def train(m):
+        params = list((default if m is default else free).parameters())   # the compiled module shares free's
+
         def run():
-            loss = _loss(m(xs).fused, target)
-            return torch.autograd.grad(loss, params if m is not default else list(default.parameters()))
+            return torch.autograd.grad(_loss(m(xs).fused, target), params)
         return run
 
-    g_ref = train(free)()
-    t0 = time.perf_counter()
-    g_comp = train(compiled)()
-    train(compiled)()
-    compile_train = time.perf_counter() - t0
+    for m in (default, free):
+        m.eval()
+    rows = [_compare(s, "forward solve", iters, infer, models, repeats,
+                     lambda out, ref: {"max_abs_diff": float((out.float() - ref.float()).abs().max())})]
+    for m in (default, free):
+        m.train()
     # norm-wise over all parameters, like the benchmark's gradient error (a tensor whose own gradient
     # is ~100x smaller than the rest shows float32 rounding as a large per-tensor relative error)
-    diff_grad = rel_err(torch.cat([g.flatten() for g in g_comp]), torch.cat([g.flatten() for g in g_ref]))
-    eager_default = _timed(s, train(default), repeats)
-    eager_free = _timed(s, train(free), repeats)
-    comp_free = _timed(s, train(compiled), repeats)
-    rows.append({"part": "training step", "iters": iters, "eager_default_s": eager_default, "eager_s": eager_free,
-                 "captured_s": comp_free, "speedup": eager_free / comp_free, "compile_s": compile_train,
-                 "max_rel_grad_diff": diff_grad})
+    rows.append(_compare(s, "training step", iters, train, models, repeats,
+                         lambda out, ref: {"max_rel_grad_diff": rel_err(torch.cat([g.flatten() for g in out]),
+                                                                         torch.cat([g.flatten() for g in ref]))}))
     return rows

@@ -11,6 +11,10 @@ import logging
 import sys
 from typing import List, Optional
 
+# A command's results (tables, paths written) go to this logger; main() sends it to stdout.
+REPORT = "deqfusion.report"
+log = logging.getLogger("deqfusion.cli")
+
 # (module, what it adds) -- order is the order in --help.
 COMMANDS = [
     "deqfusion.demo",            # demo / convergence: the paper's Table 9 and Fig. 3 on generated data
@@ -41,14 +45,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _report_to(sys.stdout)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        log.warning("interrupted")
         return 130
+
+
+def _report_to(stream) -> None:
+    """Send the report logger's records, unadorned, to `stream` (replacing an earlier main()'s handler)."""
+    report = logging.getLogger(REPORT)
+    for handler in list(report.handlers):
+        report.removeHandler(handler)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    report.addHandler(handler)
+    report.setLevel(logging.INFO)
+    report.propagate = False
 
 
 if __name__ == "__main__":

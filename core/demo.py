@@ -19,6 +19,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
+from .cli import REPORT
 from .layer import DEQFusion
 from .solvers import SolverStats
 
@@ -160,18 +161,16 @@ def run(args: argparse.Namespace) -> int:
         results[name].update(evaluate(model, data))
         traces[name] = convergence_trace(model, data)
         results[name]["rel_diff"] = {str(s): float(traces[name][s - 1]) for s in TABLE_STEPS}
-    print("Relative difference norm ||z[k+1]-z[k]|| / ||z[k+1]|| of the trained fusion map (paper Table 9 format):")
-    print(format_table(traces))
-    print()
-    print("| model | test acc | train time (s) |")
-    print("|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {100 * r['test_accuracy']:.1f} | {r['train_seconds']:.1f} |")
+    report = logging.getLogger(REPORT)
+    lines = ["Relative difference norm ||z[k+1]-z[k]|| / ||z[k+1]|| of the trained fusion map (paper Table 9 format):",
+             format_table(traces), "", "| model | test acc | train time (s) |", "|---|---|---|"]
+    lines += [f"| {name} | {100 * r['test_accuracy']:.1f} | {r['train_seconds']:.1f} |" for name, r in results.items()]
+    report.info("\n".join(lines))
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     (out_dir / "demo.json").write_text(json.dumps({"args": settings, "results": results}, indent=2))
     (out_dir / "table9.md").write_text(format_table(traces) + "\n")
     if plot(traces, out_dir / "convergence.png"):
-        print(f"\nwrote {out_dir / 'convergence.png'}, {out_dir / 'demo.json'}, {out_dir / 'table9.md'}")
+        report.info(f"\nwrote {out_dir / 'convergence.png'}, {out_dir / 'demo.json'}, {out_dir / 'table9.md'}")
     return 0
 
 

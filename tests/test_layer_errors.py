@@ -111,6 +111,7 @@ def test_no_print_in_core():
     import re
 
     core = pathlib.Path(__file__).resolve().parents[1] / "core"
-    offenders = [str(p) for p in core.rglob("*.py") if p.parts[-2] != "upstream" and p.name not in ("cli.py", "demo.py")
+    # core/upstream/ is the stand-alone patch tool (./apply_patches.sh), a command line without torch
+    offenders = [str(p) for p in core.rglob("*.py") if p.parts[-2] != "upstream"
                  and re.search(r"^\s*print\(", p.read_text(), re.M)]
     assert not offenders

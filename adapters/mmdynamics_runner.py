@@ -467,13 +467,3 @@ def run_traces(run: RunResult, *, steps: int = 100) -> Dict[str, np.ndarray]:
         return {name: trace_residuals(deq, xs, solver="fixed_point_iter", steps=steps)}
     return {f"DEQ fusion ({deq.config.f_solver})": trace_residuals(deq, xs, solver=deq.config.f_solver, steps=steps),
             "DEQ fusion (plain iteration)": trace_residuals(deq, xs, solver="fixed_point_iter", steps=steps)}
-
-
-def convergence_curves(deq_run: RunResult, tied_run: RunResult, *, steps: int = 100) -> Dict[str, Any]:
-    """Fig. 3: the DEQ-trained fusion (its own solver, and plain iteration) vs the weight-tied model.
-
-    Either run may carry its traces already (computed where it was trained) instead of its model."""
-    traces: Dict[str, np.ndarray] = {}
-    for run in (deq_run, tied_run):
-        traces.update(run.traces if run.traces is not None else run_traces(run, steps=steps))
-    return {"traces": traces}

@@ -102,6 +102,13 @@ def build_rows(args: argparse.Namespace, ds: mogonet_data.DatasetSpec) -> List[R
     return rows
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def _option(text: str) -> Tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -160,7 +167,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     m.add_argument("--no-convergence", dest="convergence", action="store_false")
     m.add_argument("--unroll-steps", type=int, default=7,
                    help="steps of the weight-tied (unrolled) model trained for Fig. 3")
-    m.add_argument("--trace-steps", type=int, default=100, help="solver steps traced for Fig. 3 / Table 9")
+    m.add_argument("--trace-steps", type=_positive_int, default=100, help="solver steps traced for Fig. 3 / Table 9")
     m.add_argument("--resume", action="store_true", help="reuse finished runs recorded in --out/results.json")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=run_mmdynamics)
@@ -444,8 +451,9 @@ def run_mmdynamics(args: argparse.Namespace) -> int:
     extra: Dict[str, Any] = {"summary": {p: {k: {m: list(v) for m, v in e["mean_std"].items()} for k, e in s.items()}
                                          for p, s in summary.items()}}
     if conv_row is not None and conv_row.key in kept and wt_row.key in kept:
-        curves = runner.convergence_curves(kept[conv_row.key], kept[wt_row.key], steps=args.trace_steps)
-        curves.update(dataset=ds.name, seed=conv_seed)
+        # Fig. 3: each kept run brought its traces back from where it was trained (run_pool.execute)
+        curves = {"traces": {**kept[conv_row.key].traces, **kept[wt_row.key].traces}, "dataset": ds.name,
+                  "seed": conv_seed}
         text += "\n" + convergence_report(curves, out, args.trace_steps)
         wt_metrics = kept[wt_row.key].metrics[protocols[0]]
         text += (f"\nWeight-tied model ({args.unroll_steps} unrolled steps, seed {conv_seed}, protocol `{protocols[0]}`): "

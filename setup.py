@@ -1,5 +1,8 @@
 """Packaging for deqfusion: the core lives in core/, the adapters in adapters/."""
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# deqfusion.adapters.<upstream> (one package per upstream) and deqfusion.adapters.common
+ADAPTER_PACKAGES = ["deqfusion.adapters." + p for p in find_packages("adapters")]
 
 setup(
     name="deqfusion",
@@ -10,12 +13,14 @@ setup(
         "deqfusion.solvers",
         "deqfusion.upstream",
         "deqfusion.adapters",
+        *ADAPTER_PACKAGES,
     ],
     package_dir={
         "deqfusion": "core",
         "deqfusion.solvers": "core/solvers",
         "deqfusion.upstream": "core/upstream",
         "deqfusion.adapters": "adapters",
+        **{p: "adapters/" + p.split(".", 2)[2].replace(".", "/") for p in ADAPTER_PACKAGES},
     },
     package_data={"deqfusion.upstream": ["*.toml"]},
     python_requires=">=3.8",

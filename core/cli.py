@@ -19,7 +19,7 @@ log = logging.getLogger("deqfusion.cli")
 COMMANDS = [
     "deqfusion.demo",            # demo / convergence: the paper's Table 9 and Fig. 3 on generated data
     "deqfusion.upstream.cli",    # list / status / apply / check / revert / refresh (patched upstream clones)
-    "deqfusion.adapters.reproduce",  # reproduce <upstream>: the paper's tables on real data
+    "deqfusion.adapters.common.reproduce",  # reproduce <upstream>: the paper's tables, one subcommand per adapter
 ]
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from deqfusion.adapters import cuda_shim
+from deqfusion.adapters.common import cuda_shim
 from deqfusion.adapters import mmdynamics as A
-from deqfusion.adapters import mmdynamics_runner as R
-from deqfusion.adapters import reproduce
+from deqfusion.adapters.mmdynamics import runner as R
+from deqfusion.adapters.common import reproduce as reproduce_command
+from deqfusion.adapters.mmdynamics import reproduce
 
 PATCH_DIR = Path(__file__).resolve().parents[1] / "patches" / "mmdynamics"
 
@@ -151,7 +152,7 @@ def test_patch_series_is_minimal():
 def test_cli_surface():
     parser = argparse.ArgumentParser(prog="deqfusion")
     sub = parser.add_subparsers(dest="command")
-    reproduce.register(sub)
+    reproduce_command.register(sub)
     args = parser.parse_args(["reproduce", "mmdynamics", "--dataset", "ROSMAP", "--seeds", "3", "--ablation",
                               "--option", "f_max_iter=40", "--modalities", "--protocol", "both"])
     assert args.dataset == "rosmap" and args.seeds == 3 and args.ablation == [] and args.option == [("f_max_iter", 40)]
@@ -176,7 +177,7 @@ def test_cli_surface():
 
 
 def test_default_jobs_one_worker_per_threads_cores(monkeypatch):
-    from deqfusion.adapters import run_pool
+    from deqfusion.adapters.common import run_pool
 
     monkeypatch.setattr(run_pool.os, "cpu_count", lambda: 8)
     assert run_pool.default_jobs(1, "cpu", 21) == 8      # one single-threaded run per core
@@ -190,13 +191,14 @@ def test_default_jobs_one_worker_per_threads_cores(monkeypatch):
 
 def test_run_tasks_reports_a_failing_worker(tmp_path):
     """A run that fails in a worker raises here, naming the cause; runs already done were delivered."""
-    from deqfusion.adapters import mmdynamics_runner as R
-    from deqfusion.adapters import run_pool
+    from deqfusion.adapters.mmdynamics import runner as R
+    from deqfusion.adapters.common import run_pool
 
     bad = R.RunSpec("ROSMAP", tmp_path, seed=0, epochs=0, device="cpu", threads=1,
                     settings=A.Settings(fusion="concat"))
     done = []
     with pytest.raises(R.UpstreamError):
-        run_pool.run_tasks([run_pool.Task(bad), run_pool.Task(bad)], tmp_path / "no-clone", jobs=2, threads=1,
+        tasks = [R.Task(bad, upstream=tmp_path / "no-clone")] * 2
+        run_pool.run_tasks(tasks, R.execute, jobs=2, threads=1,
                            on_epoch=lambda i: None, on_done=lambda i, r: done.append(i))
     assert done == []

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from deqfusion.adapters import mmdynamics as A
-from deqfusion.adapters import mmdynamics_runner as R
-from deqfusion.adapters import mogonet_data as md
+from deqfusion.adapters.mmdynamics import runner as R
+from deqfusion.adapters.mmdynamics import data as md
 
 pytestmark = pytest.mark.mirror
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deqfusion.adapters import mogonet_data as md
+from deqfusion.adapters.mmdynamics import data as md
 
 SHARED = Path(os.environ.get("DEQFUSION_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 ROSMAP = SHARED / "ROSMAP"

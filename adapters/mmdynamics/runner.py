@@ -14,7 +14,7 @@ upstream's ``train(data_folder, modelpath, testonly)`` is called as it is; the r
   only the chosen views), ``train_epoch`` (to count epochs, stop after ``epochs`` if asked, and
   record the fusion's solver statistics) and ``test_epoch`` (to compute metrics from the
   probabilities the upstream computes every 50 epochs),
-* on a machine without CUDA, runs the upstream inside :func:`deqfusion.adapters.cuda_shim.cuda_redirect`.
+* on a machine without CUDA, runs the upstream inside :func:`deqfusion.adapters.common.cuda_shim.cuda_redirect`.
 
 Protocols (every reported number carries one of these labels):
 
@@ -45,9 +45,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-from . import mmdynamics as adapter
-from . import mogonet_data
-from .cuda_shim import cuda_redirect, resolve_device
+from .. import mmdynamics as adapter
+from ..common.cuda_shim import cuda_redirect, resolve_device
+from . import data as mogonet_data
 
 UPSTREAM_NAME = "mmdynamics"
 UPSTREAM_COMMIT = "7f04084daa81ef6223902677ad9ddafc8797b3d2"
@@ -71,7 +71,7 @@ class _StopTraining(Exception):
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def default_upstream_dir() -> Path:
@@ -467,3 +467,22 @@ def run_traces(run: RunResult, *, steps: int = 100) -> Dict[str, np.ndarray]:
         return {name: trace_residuals(deq, xs, solver="fixed_point_iter", steps=steps)}
     return {f"DEQ fusion ({deq.config.f_solver})": trace_residuals(deq, xs, solver=deq.config.f_solver, steps=steps),
             "DEQ fusion (plain iteration)": trace_residuals(deq, xs, solver="fixed_point_iter", steps=steps)}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One training run for the run pool; ``trace_steps`` > 0 computes its convergence traces (needs keep_model)."""
+
+    spec: RunSpec
+    upstream: Optional[Path] = None
+    trace_steps: int = 0
+
+
+def execute(task: Task, on_epoch: Optional[Callable[[int], None]] = None) -> RunResult:
+    """Train one task and, for a kept run, replace the model by its convergence traces (the pool's worker)."""
+    result = run(task.spec, task.upstream, on_epoch=on_epoch)
+    if task.spec.keep_model and task.trace_steps > 0:
+        result.traces = run_traces(result, steps=task.trace_steps)
+        result.model = None
+        result.test_inputs = None
+    return result

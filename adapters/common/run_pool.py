@@ -7,8 +7,9 @@ forked (a forked torch with live OpenMP threads can hang), and report each finis
 queue that drives the parent's progress bar.  Each run is seeded by the runner itself, so a run
 gives the same numbers in a worker as in the parent process (tested).
 
-A kept run (``RunSpec.keep_model``) is analysed where it was trained: its convergence traces
-(paper Fig. 3) are computed in the worker and the model itself is not sent back.
+What one task is, and how it runs, belongs to the upstream: ``run_tasks`` takes a ``worker``, a
+module-level function ``worker(task, on_epoch) -> result`` (it must be picklable, to reach a spawned
+process), so a kept model can be analysed where it was trained and only numbers come back.
 """
 from __future__ import annotations
 
@@ -16,19 +17,9 @@ import multiprocessing
 import os
 import queue as queue_mod
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Sequence
 
-from . import mmdynamics_runner as runner
-
-
-@dataclass(frozen=True)
-class Task:
-    """One training run; ``trace_steps`` > 0 computes its convergence traces (needs keep_model)."""
-
-    spec: runner.RunSpec
-    trace_steps: int = 0
+Worker = Callable[[Any, Callable[[int], None]], Any]
 
 
 def default_jobs(threads: int, device: str, num_tasks: int) -> int:
@@ -36,16 +27,6 @@ def default_jobs(threads: int, device: str, num_tasks: int) -> int:
     if device == "cuda" or threads <= 0:
         return 1
     return max(1, min(num_tasks, (os.cpu_count() or 1) // threads))
-
-
-def execute(task: Task, upstream: Path, on_epoch: Optional[Callable[[int], None]] = None) -> runner.RunResult:
-    """Train one task and, for a kept run, replace the model by its convergence traces."""
-    result = runner.run(task.spec, upstream, on_epoch=on_epoch)
-    if task.spec.keep_model and task.trace_steps > 0:
-        result.traces = runner.run_traces(result, steps=task.trace_steps)
-        result.model = None
-        result.test_inputs = None
-    return result
 
 
 _progress: Any = None  # the worker's end of the progress queue
@@ -60,18 +41,18 @@ def _init_worker(progress: Any, threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _work(index: int, task: Task, upstream: Path) -> runner.RunResult:
-    return execute(task, upstream, on_epoch=lambda _e: _progress.put(index))
+def _work(index: int, worker: Worker, task: Any) -> Any:
+    return worker(task, lambda _e: _progress.put(index))
 
 
 def run_tasks(
-    tasks: Sequence[Task],
-    upstream: Path,
+    tasks: Sequence[Any],
+    worker: Worker,
     *,
     jobs: int,
     threads: int,
     on_epoch: Callable[[int], None],
-    on_done: Callable[[int, runner.RunResult], None],
+    on_done: Callable[[int, Any], None],
 ) -> None:
     """Run ``tasks`` on ``jobs`` workers (in this process when ``jobs`` is 1), longest first as given.
 
@@ -81,7 +62,7 @@ def run_tasks(
     """
     if jobs <= 1 or len(tasks) <= 1:
         for i, task in enumerate(tasks):
-            on_done(i, execute(task, upstream, on_epoch=lambda _e, i=i: on_epoch(i)))
+            on_done(i, worker(task, lambda _e, i=i: on_epoch(i)))
         return
     ctx = multiprocessing.get_context("spawn")
     progress = ctx.Queue()
@@ -96,7 +77,7 @@ def run_tasks(
 
     with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx, initializer=_init_worker,
                              initargs=(progress, threads)) as pool:
-        futures: Dict[Future, int] = {pool.submit(_work, i, t, upstream): i for i, t in enumerate(tasks)}
+        futures: Dict[Future, int] = {pool.submit(_work, i, worker, t): i for i, t in enumerate(tasks)}
         pending = set(futures)
         try:
             while pending:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import mmdynamics as adapter
-from . import mogonet_data
+from .. import mmdynamics as adapter
+from . import data as mogonet_data
 
 # The paper's Table 1 (BRCA, mean over 10 runs; Acc / weighted F1 / macro F1, in %).
 PAPER_BRCA = {
@@ -116,14 +116,8 @@ def _option(text: str) -> Tuple[str, Any]:
     return key.strip(), adapter.parse_value(value.strip())
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "reproduce", help="reproduce the paper's tables on real data through an upstream's own training loop",
-        description="Train an upstream baseline and its DEQ-fusion variant on the same splits and seeds, and "
-                    "print the paper's tables.")
-    sub = parser.add_subparsers(dest="upstream", metavar="UPSTREAM")
-    parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
-
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``reproduce mmdynamics`` to the ``reproduce`` command's subparsers."""
     m = sub.add_parser(
         "mmdynamics", help="MM-Dynamics on MOGONET's BRCA / ROSMAP (paper Table 1, Tables 6/7, Fig. 3, Table 9)",
         description="Runs MM-Dynamics' own train_test.train() (pinned 7f04084, patched) for the concatenation "
@@ -179,7 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def summarize(runs: List[Dict[str, Any]], rows: List[Row], cols: List[Tuple[str, str]]) -> Dict[str, Dict[str, Any]]:
     """protocol -> row key -> {metric: {mean, std, n, values}, 'seeds': [...]}."""
-    from .mmdynamics_runner import mean_std
+    from .runner import mean_std
 
     out: Dict[str, Dict[str, Any]] = {}
     for row in rows:
@@ -321,9 +315,9 @@ def _git_state(root: Path) -> Optional[str]:
 def _environment(args: argparse.Namespace, upstream: Path) -> Dict[str, Any]:
     import torch
 
-    from .mmdynamics_runner import UPSTREAM_COMMIT
+    from .runner import UPSTREAM_COMMIT
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     patches = sorted((root / "patches" / "mmdynamics").glob("*.patch"))
     return {
         "deqfusion_commit": _git_state(root),
@@ -337,8 +331,8 @@ def _environment(args: argparse.Namespace, upstream: Path) -> Dict[str, Any]:
 def run_mmdynamics(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import mmdynamics_runner as runner
-    from . import run_pool
+    from ..common import run_pool
+    from . import runner
 
     if args.threads:  # also for the convergence traces, which run outside the runner
         import torch
@@ -407,11 +401,11 @@ def run_mmdynamics(args: argparse.Namespace) -> int:
 
     # longest runs first, so that parallel workers finish together: DEQ rows, the weight-tied run, baselines
     todo.sort(key=lambda j: (j[0].settings.fusion == "concat", j[0].table == "convergence"))
-    tasks = [run_pool.Task(runner.RunSpec(dataset=ds.name, data_dir=data_dir, seed=seed, settings=row.settings,
+    tasks = [runner.Task(runner.RunSpec(dataset=ds.name, data_dir=data_dir, seed=seed, settings=row.settings,
                                           protocol=proto, val_fraction=args.val_fraction, modalities=row.modalities,
                                           epochs=args.epochs, device=args.device, threads=args.threads,
                                           keep_model=(row.key, proto, seed) in keep),
-                           trace_steps=args.trace_steps)
+                         upstream=upstream, trace_steps=args.trace_steps)
              for row, proto, seed in todo]
     jobs = args.jobs or run_pool.default_jobs(args.threads, args.device, len(tasks))
     meta["jobs"] = jobs
@@ -440,7 +434,7 @@ def run_mmdynamics(args: argparse.Namespace) -> int:
         save()
 
     try:
-        run_pool.run_tasks(tasks, upstream, jobs=jobs, threads=args.threads, on_epoch=on_epoch, on_done=on_done)
+        run_pool.run_tasks(tasks, runner.execute, jobs=jobs, threads=args.threads, on_epoch=on_epoch, on_done=on_done)
     finally:
         bar.close()
     order = {(r.key, p, s): n for n, (r, p, s) in enumerate(jobs_all)}
@@ -451,7 +445,7 @@ def run_mmdynamics(args: argparse.Namespace) -> int:
     extra: Dict[str, Any] = {"summary": {p: {k: {m: list(v) for m, v in e["mean_std"].items()} for k, e in s.items()}
                                          for p, s in summary.items()}}
     if conv_row is not None and conv_row.key in kept and wt_row.key in kept:
-        # Fig. 3: each kept run brought its traces back from where it was trained (run_pool.execute)
+        # Fig. 3: each kept run brought its traces back from where it was trained (runner.execute)
         curves = {"traces": {**kept[conv_row.key].traces, **kept[wt_row.key].traces}, "dataset": ds.name,
                   "seed": conv_seed}
         text += "\n" + convergence_report(curves, out, args.trace_steps)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, fields, replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .solvers import SOLVERS, STOP_MODES
 
-__all__ = ["FusionConfig", "ABLATIONS", "ConfigError", "MODES"]
+__all__ = ["FusionConfig", "ABLATIONS", "ConfigError", "MODES", "option_names", "unknown_option_message"]
 
 
 class ConfigError(ValueError):
@@ -93,10 +93,10 @@ class FusionConfig:
 
     @classmethod
     def from_kwargs(cls, dim: int, num_modalities: int, **options: Any) -> FusionConfig:
-        valid = [f.name for f in fields(cls) if f.name not in ("dim", "num_modalities")]
+        valid = option_names()
         for key in options:
             if key not in valid:
-                raise TypeError(_unknown_option_message(key, valid))
+                raise TypeError(unknown_option_message(key, valid))
         if "in_dims" in options and options["in_dims"] is not None:
             options["in_dims"] = tuple(int(d) for d in options["in_dims"])
         cfg = cls(dim=dim, num_modalities=num_modalities, **options)
@@ -177,7 +177,13 @@ class FusionConfig:
         need(0.0 <= self.jac_freq <= 1.0, f"jac_freq is a probability per training step, in [0, 1]; got {self.jac_freq}")
 
 
-def _unknown_option_message(key: str, valid) -> str:
+def option_names() -> List[str]:
+    """The keyword options of DEQFusion (every FusionConfig field but dim and num_modalities)."""
+    return [f.name for f in fields(FusionConfig) if f.name not in ("dim", "num_modalities")]
+
+
+def unknown_option_message(key: str, valid) -> str:
+    """'DEQFusion got an unknown option ...', with the closest valid name or the alias it stands for."""
     hint = ALIASES.get(key)
     if hint is None:
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)

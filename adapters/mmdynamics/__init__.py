@@ -10,16 +10,15 @@ confidence, concatenates the views and classifies the ``views * hidden`` vector.
     MMLoss = MMLoss + jac_term                                                  # loss
 
 ``train_test.py`` builds the model as ``MMDynamic(dim_list, hidden_dim, num_class, dropout=0.5)``,
-so the settings cannot come through the constructor.  They come, in this order, from
+so the settings cannot come through the constructor.  They come through the settings mechanism all
+adapters share (:mod:`deqfusion.adapters.common.settings`): ``Settings.configure(...)`` (the
+runner's context manager), else the environment (a plain ``python main.py`` on the patched clone):
 
-1. ``configure(settings)`` (a context manager the runner uses), else
-2. environment variables (a plain ``python main.py`` on the patched clone):
-
-   ``DEQFUSION_MMD_FUSION``      ``deq`` (default) or ``concat`` (the unchanged upstream model)
-   ``DEQFUSION_MMD_ABLATION``    a row of the paper's Tables 6/7 (``full``, ``no_gate``, ...)
-   ``DEQFUSION_MMD_JAC_WEIGHT``  weight of the Jacobian loss (default 20, the paper's BRCA value)
-   ``DEQFUSION_MMD_OPTIONS``     other DEQFusion options, ``key=value,key=value``
-                                 (e.g. ``f_max_iter=50,f_tol=1e-4``); unknown keys are an error.
+   ``DEQFUSION_MMDYNAMICS_FUSION``      ``deq`` (default) or ``concat`` (the unchanged upstream model)
+   ``DEQFUSION_MMDYNAMICS_ABLATION``    a row of the paper's Tables 6/7 (``full``, ``no_gate``, ...)
+   ``DEQFUSION_MMDYNAMICS_JAC_WEIGHT``  weight of the Jacobian loss (default 20, the paper's BRCA value)
+   ``DEQFUSION_MMDYNAMICS_OPTIONS``     other DEQFusion options, ``key=value,key=value``
+                                        (e.g. ``f_max_iter=50,f_tol=1e-4``); unknown keys are an error.
 
 With ``fusion="concat"`` no module is built and ``fuse`` is ``torch.cat`` with a zero loss term:
 the patched model then has exactly the upstream's parameters, initialisation and outputs.
@@ -31,109 +30,42 @@ Jacobian weight 20.  The DEQ fusion outputs ``hidden`` features, so the classifi
 """
 from __future__ import annotations
 
-import ast
-import contextlib
-import os
-from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
+from ..common.settings import FusionSettings, parse_value
+
 __all__ = [
     "Settings", "configure", "current_settings", "build_fusion", "fused_width", "fuse",
-    "MMDynamicsFusion", "FUSIONS", "PAPER_DEFAULTS",
+    "MMDynamicsFusion", "FUSIONS", "PAPER_DEFAULTS", "parse_value",
 ]
 
 FUSIONS = ("deq", "concat")
-ENV_PREFIX = "DEQFUSION_MMD_"
 # The paper's BRCA settings for the DEQFusion options (forward/backward step limits).
 PAPER_DEFAULTS: Dict[str, Any] = {"f_max_iter": 105, "b_max_iter": 106}
 PAPER_JAC_WEIGHT = 20.0
 
 
 @dataclass(frozen=True)
-class Settings:
-    """What the patched MMDynamic builds. ``options`` go to DEQFusion unchanged (validated there)."""
+class Settings(FusionSettings):
+    """What the patched MMDynamic builds. ``options`` go to DEQFusion (names checked at once)."""
 
-    fusion: str = "deq"
-    ablation: str = "full"
+    upstream: ClassVar[str] = "mmdynamics"
+    baseline: ClassVar[str] = "concat"
+    default_options: ClassVar[Mapping[str, Any]] = PAPER_DEFAULTS
+
     jac_weight: float = PAPER_JAC_WEIGHT
-    options: Dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"MM-Dynamics fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if self.jac_weight < 0:
-            raise ValueError(f"jac_weight must be >= 0, got {self.jac_weight}")
-        for key in ("dim", "num_modalities", "ablation"):
-            if key in self.options:
-                raise ValueError(f"option {key!r} is set by the adapter; "
-                                 + ("use Settings(ablation=...)" if key == "ablation" else "do not pass it"))
-
-    def fusion_kwargs(self) -> Dict[str, Any]:
-        kw = dict(PAPER_DEFAULTS)
-        kw.update(self.options)
-        kw["ablation"] = self.ablation
-        return kw
 
     def describe(self) -> str:
-        if self.fusion == "concat":
-            return "concatenation (upstream MM-Dynamics)"
-        kw = self.fusion_kwargs()
-        kw.pop("ablation")
-        extra = ", ".join(f"{k}={v}" for k, v in sorted(kw.items()))
-        return f"DEQ fusion [{self.ablation}], jac weight {self.jac_weight:g}" + (f", {extra}" if extra else "")
+        return "concatenation (upstream MM-Dynamics)" if not self.is_deq else super().describe()
 
 
-_override: Optional[Settings] = None
-
-
-def parse_value(text: str) -> Any:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def _parse_options(text: str) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        if "=" not in item:
-            raise ValueError(f"{ENV_PREFIX}OPTIONS: expected key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = parse_value(value.strip())
-    return out
-
-
-def settings_from_env(environ: Optional[Dict[str, str]] = None) -> Settings:
-    env = os.environ if environ is None else environ
-    kw: Dict[str, Any] = {}
-    if env.get(ENV_PREFIX + "FUSION"):
-        kw["fusion"] = env[ENV_PREFIX + "FUSION"].strip().lower()
-    if env.get(ENV_PREFIX + "ABLATION"):
-        kw["ablation"] = env[ENV_PREFIX + "ABLATION"].strip()
-    if env.get(ENV_PREFIX + "JAC_WEIGHT"):
-        kw["jac_weight"] = float(env[ENV_PREFIX + "JAC_WEIGHT"])
-    if env.get(ENV_PREFIX + "OPTIONS"):
-        kw["options"] = _parse_options(env[ENV_PREFIX + "OPTIONS"])
-    return Settings(**kw)
-
-
-def current_settings() -> Settings:
-    return _override if _override is not None else settings_from_env()
-
-
-@contextlib.contextmanager
-def configure(settings: Optional[Settings] = None, **changes: Any) -> Iterator[Settings]:
-    """Within the block, models built by the patched MMDynamic use these settings (not the environment)."""
-    global _override
-    chosen = replace(settings or Settings(), **changes) if changes else (settings or Settings())
-    previous, _override = _override, chosen
-    try:
-        yield chosen
-    finally:
-        _override = previous
+configure = Settings.configure
+current_settings = Settings.current
+ENV_PREFIX = Settings.env_prefix()
 
 
 class MMDynamicsFusion(nn.Module):
@@ -166,7 +98,7 @@ class MMDynamicsFusion(nn.Module):
 def build_fusion(num_views: int, hidden: int, settings: Optional[Settings] = None) -> Optional[MMDynamicsFusion]:
     """The module the patched ``MMDynamic.__init__`` stores as ``self.fusion`` (None = concatenation)."""
     settings = settings or current_settings()
-    if settings.fusion == "concat":
+    if not settings.is_deq:
         return None
     return MMDynamicsFusion(num_views, hidden, settings)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import mmdynamics as adapter
+from ..common import report
 from . import data as mogonet_data
 
 # The paper's Table 1 (BRCA, mean over 10 runs; Acc / weighted F1 / macro F1, in %).
@@ -147,7 +148,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--no-download", action="store_true", help="never download; fail if the data is not local")
     m.add_argument("--no-verify", action="store_true", help="skip the git-blob hash checks (shape checks stay)")
     m.add_argument("--upstream", type=Path, default=None,
-                   help="patched MM-Dynamics clone (default $DEQFUSION_MMDYNAMICS or third_party/mmdynamics)")
+                   help="patched MM-Dynamics clone (default: where ./apply_patches.sh mmdynamics puts it: "
+                        "$DEQFUSION_CLONES/mmdynamics or the checkout's third_party/mmdynamics)")
     m.add_argument("--device", default="auto", help="auto, cpu or cuda (cpu uses the .cuda() shim)")
     m.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 (the documented numbers) avoids the large slowdown of "
@@ -190,8 +192,7 @@ def summarize(runs: List[Dict[str, Any]], rows: List[Row], cols: List[Tuple[str,
 
 
 def _fmt(ms: Tuple[float, float]) -> str:
-    mean, std = ms
-    return "–" if mean != mean else f"{mean:.2f} ± {std:.2f}"
+    return report.fmt_mean_std(*ms)
 
 
 def render_tables(summary: Dict[str, Dict[str, Any]], rows: List[Row], cols: List[Tuple[str, str]],
@@ -207,7 +208,7 @@ def render_tables(summary: Dict[str, Dict[str, Any]], rows: List[Row], cols: Lis
             if proto not in summary:
                 continue
             n = max((len(summary[proto].get(r.key, {}).get("seeds", [])) for r in trows), default=0)
-            lines.append(f"### {ds.name}: {titles[table]} — protocol `{proto}` ({n} seeds)")
+            lines.append(f"### {ds.name}: {titles[table]} — protocol `{proto}` ({report.plural(n, 'seed')})")
             lines.append("")
             lines.append(f"_{PROTOCOL_TEXT[proto]}._")
             lines.append("")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 import random
 import sys
@@ -46,12 +45,12 @@ import numpy as np
 import torch
 
 from .. import mmdynamics as adapter
+from ..common import report
 from ..common.cuda_shim import cuda_redirect, resolve_device
 from . import data as mogonet_data
 
 UPSTREAM_NAME = "mmdynamics"
 UPSTREAM_COMMIT = "7f04084daa81ef6223902677ad9ddafc8797b3d2"
-ENV_UPSTREAM = "DEQFUSION_MMDYNAMICS"
 PROTOCOLS = ("upstream", "val")
 REPORT_PROTOCOLS = ("upstream", "test-best", "val")
 EVAL_INTERVAL = 50  # train_test.py's test_inverval at the pinned commit
@@ -70,20 +69,14 @@ class _StopTraining(Exception):
     pass
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
-
-
-def default_upstream_dir() -> Path:
-    env = os.environ.get(ENV_UPSTREAM)
-    return Path(env).expanduser() if env else repo_root() / "third_party" / UPSTREAM_NAME
-
-
 def check_upstream(path: Optional[Path] = None) -> Path:
-    path = Path(path) if path is not None else default_upstream_dir()
-    fix = (f"run `deqfusion upstream apply {UPSTREAM_NAME}` (or ./apply_patches.sh {UPSTREAM_NAME}), or pass "
-           f"--upstream / ${ENV_UPSTREAM} pointing at a clone of TencentAILabHealthcare/mmdynamics at "
-           f"{UPSTREAM_COMMIT[:7]} with patches/{UPSTREAM_NAME}/*.patch applied")
+    """The patched clone: ``path``, else where ``./apply_patches.sh mmdynamics`` puts it (one answer for both)."""
+    from deqfusion.upstream.paths import CLONES_ENV, clone_dir
+
+    path = clone_dir(UPSTREAM_NAME, path)
+    fix = (f"run ./apply_patches.sh {UPSTREAM_NAME} (or `deqfusion apply {UPSTREAM_NAME}`) from the deqfusion "
+           f"checkout, or pass --upstream / ${CLONES_ENV} (a folder holding {UPSTREAM_NAME}/) pointing at a clone "
+           f"of TencentAILabHealthcare/mmdynamics at {UPSTREAM_COMMIT[:7]} with patches/{UPSTREAM_NAME}/*.patch applied")
     for name in ("model.py", "train_test.py"):
         if not (path / name).is_file():
             raise UpstreamError(f"no MM-Dynamics clone at {path} ({name} missing); {fix}")
@@ -400,11 +393,9 @@ def run(
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1, as in the ROSMAP reference; 0 for one value)."""
-    arr = np.asarray([v for v in values if not (isinstance(v, float) and math.isnan(v))], dtype=float)
-    if arr.size == 0:
-        return float("nan"), float("nan")
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    """Mean and sample standard deviation (ddof=1, as in the ROSMAP reference; NaN for one value)."""
+    mean, std, _ = report.mean_std(values)
+    return mean, std
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ setup(
         "deqfusion.adapters": "adapters",
         **{p: "adapters/" + p.split(".", 2)[2].replace(".", "/") for p in ADAPTER_PACKAGES},
     },
-    package_data={"deqfusion.upstream": ["*.toml"]},
+    package_data={"deqfusion.upstream": ["*.toml"], "deqfusion.adapters.mmdet3d": ["configs/*.py"]},
     python_requires=">=3.8",
     install_requires=[
         "torch>=2.1",
@@ -33,6 +33,10 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.5"],
         "mmdynamics": ["numpy>=1.21", "scikit-learn>=1.0"],
+        # mmcv 2.1.0 has no wheels: build it first (pip install "setuptools<81" && pip install
+        # --no-build-isolation mmcv==2.1.0), docs/mmdet3d.md; setuptools<81 keeps pkg_resources for mmengine.
+        "mmdet3d": ["mmdet3d==1.4.0", "mmcv==2.1.0", "mmengine>=0.8.0,<1.0", "mmdet>=3.0.0,<3.3", "numpy<2",
+                    "setuptools<81"],
         "bench": ["torchdeq==0.1.0", "matplotlib>=3.5"],
         "test": [
             "pytest>=7",

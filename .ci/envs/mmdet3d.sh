@@ -1,0 +1,31 @@
+# shellcheck shell=bash
+# mmdetection3d 1.4.0 (ImVoteNet through the registry plugin) for tests/envs/mmdet3d/: the LIGHT route.
+#
+# torch 2.13.0 (CPU, local disk), then mmcv-lite 2.1.0 (mmcv's Python code without the compiled
+# mmcv._ext) with the pins that resolve, then mmdet3d 1.4.0 with --no-deps plus only what
+# `import mmdet3d.models` / `mmdet3d.testing` / the ImVoteNet path import (numba, terminaltables,
+# shapely are imported at module level; mmdet and mmengine bring the rest). Left out of mmdet3d's
+# runtime requirements: open3d (a 400 MB wheel; mmdet3d's visualizer imports it in a try/except),
+# nuscenes-devkit and lyft-dataset-sdk (their dataset metrics only; nuscenes-devkit is what makes an
+# unpinned resolve fall back to a matplotlib sdist), plyfile, trimesh, scikit-image, tensorboard,
+# networkx (data converters, visualisation and loggers the tests never touch).
+# What mmcv._ext would provide comes from the project's stand-ins
+# (deqfusion.adapters.mmdet3d.cpu_ops, installed at run time).
+#
+# Time: about 2 min on an idle 2-core machine with a warm pip cache (torch alone ~70 s of it).
+# The full route, run by hand (docs/mmdet3d.md): mmcv==2.1.0 built from source
+# (setuptools<81, --no-build-isolation, ~14 min on 2 cores) instead of mmcv-lite, i.e. pip install ".[mmdet3d]".
+mmdet3d_venv="$DEQFUSION_ENVS/mmdet3d"
+if [[ ! -f "$mmdet3d_venv/.complete" ]]; then
+  rm -rf "$mmdet3d_venv"
+  python3 -m venv "$mmdet3d_venv"
+  mmdet3d_pip=("$mmdet3d_venv/bin/python" -m pip install -q --disable-pip-version-check)
+  "${mmdet3d_pip[@]}" torch==2.13.0
+  "${mmdet3d_pip[@]}" "numpy<2" "mmengine>=0.8.0,<1.0" "mmcv-lite==2.1.0" "mmdet>=3.0.0,<3.3" \
+    "setuptools>=77.0.3,<81" numba terminaltables shapely pytest pytest-timeout
+  "${mmdet3d_pip[@]}" -e "$DEQFUSION_SRC"
+  # last, so that no later install reports the requirements left out above
+  "${mmdet3d_pip[@]}" --no-deps "mmdet3d==1.4.0"
+  touch "$mmdet3d_venv/.complete"
+fi
+export DEQFUSION_ENV_MMDET3D="$mmdet3d_venv/bin/python"

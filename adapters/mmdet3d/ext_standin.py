@@ -19,6 +19,7 @@ wrappers allocate ``torch.cuda`` tensors and have no CPU kernel even in the full
 """
 from __future__ import annotations
 
+import importlib.machinery
 import types
 from typing import Callable, Dict, List
 
@@ -30,7 +31,7 @@ FULL_MMCV_FIX = ("install the full mmcv==2.1.0 (pip install \"setuptools<81\" &&
                  "mmcv==2.1.0, about 14 min to build; see docs/mmdet3d.md) instead of mmcv-lite")
 
 
-# Largest intermediate (RoIs x channels x samples x width) RoIAlign computes at once.
+# Largest block of samples (RoIs x channels x samples) RoIAlign computes at once.
 _BLOCK_ELEMS = 1 << 24
 
 
@@ -57,26 +58,24 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset:
     return order[torch.from_numpy(keep).to(order.device)]
 
 
-def _axis_weights(start: torch.Tensor, bin_size: torch.Tensor, pooled: int, grid: int, size: int) -> torch.Tensor:
-    """(R,) roi starts and bin sizes -> (R, pooled*grid, size) 1-D bilinear weights of the sample points.
+def _axis_samples(start: torch.Tensor, bin_size: torch.Tensor, pooled: int, grid: int, size: int):
+    """(R,) roi starts and bin sizes -> the 1-D bilinear taps of the R x pooled*grid sample positions.
 
     Sample k of bin p sits at ``start + p*bin + (k+0.5)*bin/grid``; outside ``[-1, size]`` it reads 0,
-    below 0 it is clamped to 0, at or past ``size-1`` it reads the last pixel.
+    below 0 it is clamped to 0, at or past ``size-1`` it reads the last pixel.  Returns
+    ``(low, high, w_low, w_high)``, each (R, pooled*grid), with the zero of an outside sample in the weights.
     """
     steps = torch.arange(pooled * grid, device=start.device, dtype=start.dtype)
     p, k = torch.div(steps, grid, rounding_mode="floor"), steps % grid
     pos = start[:, None] + p[None] * bin_size[:, None] + (k[None] + 0.5) * bin_size[:, None] / grid
-    inside = (pos >= -1.0) & (pos <= size)
+    inside = ((pos >= -1.0) & (pos <= size)).to(pos.dtype)
     pos = pos.clamp(min=0)
     low = pos.floor().long()
     last = low >= size - 1
     low = torch.where(last, torch.full_like(low, size - 1), low)
     high = torch.where(last, low, low + 1)
     frac = torch.where(last, torch.zeros_like(pos), pos - low.to(pos.dtype))
-    w = torch.zeros(*pos.shape, size, dtype=start.dtype, device=start.device)
-    w.scatter_add_(2, low[..., None], ((1 - frac) * inside)[..., None])
-    w.scatter_add_(2, high[..., None], (frac * inside)[..., None])
-    return w
+    return low, high, (1 - frac) * inside, frac * inside
 
 
 def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output: torch.Tensor, argmax_y: torch.Tensor,
@@ -85,16 +84,17 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output: torch.Ten
                       aligned: bool = True) -> None:
     """Fill ``output`` (R, C, ph, pw) with RoIAlign of ``input`` (N, C, H, W) over ``rois`` (R, 5: b, x1, y1, x2, y2).
 
-    Bilinear sampling is separable (weight = wy * wx, and a sample outside the map reads 0 along either
-    axis), so each RoI is ``Wy @ F @ Wx^T`` followed by pooling over its ``grid_h x grid_w`` samples.
-    Max pooling (``pool_mode=0``) fills the values only; ``argmax_y/x`` (for the backward) stay unset.
+    Each sample is the bilinear mix of its four neighbours (weight ``wy * wx``; a sample outside the map
+    reads 0 along either axis); RoIs with the same image and sampling grid are done together, then each
+    bin pools its ``grid_h x grid_w`` samples.  Max pooling (``pool_mode=0``) fills the values only;
+    ``argmax_y/x`` (for the backward) stay unset.
     """
     if rois.numel() == 0:
         return
     if pool_mode == 0:
         argmax_y.fill_(-1.0)
         argmax_x.fill_(-1.0)
-    _, _, height, width = input.shape
+    _, channels, height, width = input.shape
     ph, pw = int(aligned_height), int(aligned_width)
     r = rois.detach().to(input.dtype)
     shift = 0.5 if aligned else 0.0
@@ -109,24 +109,27 @@ def roi_align_forward(input: torch.Tensor, rois: torch.Tensor, output: torch.Ten
         grid_w = torch.full_like(roi_w, sampling_ratio, dtype=torch.long)
     else:
         grid_h, grid_w = torch.ceil(roi_h / ph).long(), torch.ceil(roi_w / pw).long()
-    batch_idx = r[:, 0].long()
-    feats = input.detach()
     groups: Dict[tuple, List[int]] = {}
-    for i, key in enumerate(zip(batch_idx.tolist(), grid_h.tolist(), grid_w.tolist())):
+    for i, key in enumerate(zip(r[:, 0].long().tolist(), grid_h.tolist(), grid_w.tolist())):
         groups.setdefault(key, []).append(i)
-    channels = input.shape[1]
+    flat = input.detach().reshape(input.shape[0], channels, height * width)
     for (b, gh, gw), members in groups.items():
         if gh <= 0 or gw <= 0:  # an empty sampling grid averages nothing: 0, as the kernel's sum / max(count, 1)
             output[torch.tensor(members, device=rois.device)] = 0 if pool_mode == 1 else -10000.0
             continue
-        per_roi = channels * ph * gh * max(width, pw * gw)
-        step = max(1, _BLOCK_ELEMS // per_roi)
+        step = max(1, _BLOCK_ELEMS // (channels * ph * gh * pw * gw))
         for lo in range(0, len(members), step):
             idx = torch.tensor(members[lo:lo + step], device=rois.device)
-            wy = _axis_weights(y1[idx], roi_h[idx] / ph, ph, gh, height)  # (n, ph*gh, H)
-            wx = _axis_weights(x1[idx], roi_w[idx] / pw, pw, gw, width)   # (n, pw*gw, W)
-            rows = torch.einsum("nih,chw->nciw", wy, feats[b])
-            samples = torch.einsum("nciw,njw->ncij", rows, wx).reshape(len(idx), channels, ph, gh, pw, gw)
+            n = len(members[lo:lo + step])
+            ys = _axis_samples(y1[idx], roi_h[idx] / ph, ph, gh, height)  # each (n, ph*gh)
+            xs = _axis_samples(x1[idx], roi_w[idx] / pw, pw, gw, width)   # each (n, pw*gw)
+            samples = 0
+            for y, wy in ((ys[0], ys[2]), (ys[1], ys[3])):
+                for x, wx in ((xs[0], xs[2]), (xs[1], xs[3])):
+                    where = (y[:, :, None] * width + x[:, None, :]).reshape(1, -1).expand(channels, -1)
+                    taps = flat[b].gather(1, where).reshape(channels, n, ph * gh, pw * gw)
+                    samples = samples + taps * (wy[:, :, None] * wx[:, None, :])
+            samples = samples.reshape(channels, n, ph, gh, pw, gw).permute(1, 0, 2, 3, 4, 5)
             if pool_mode == 1:
                 pooled = samples.mean(dim=(3, 5))
             else:
@@ -174,6 +177,8 @@ def _missing(name: str) -> Callable:
 def make_module() -> types.ModuleType:
     """The module to put at ``sys.modules['mmcv._ext']``: PROVIDED kernels, every other name raises."""
     module = types.ModuleType(MODULE_NAME, "deqfusion's stand-in for mmcv's compiled ops (mmcv-lite)")
+    # a spec without a loader: importlib/pkgutil lookups work, and mmengine's mmcv_full_available() stays False
+    module.__spec__ = importlib.machinery.ModuleSpec(MODULE_NAME, None)
     module.__dict__.update(PROVIDED)
     module.DEQFUSION_STANDIN = True
 

@@ -4,14 +4,24 @@
 project config exactly as ``tools/train.py`` does (``Config.fromfile``, which imports the config's
 ``custom_imports``), builds the model with ``mmdet3d.registry.MODELS``, and runs ``loss`` + backward and
 ``predict`` on mmdet3d's own detector test inputs (``mmdet3d.testing.create_detector_inputs``: random
-points, image, depth boxes; generated data, not a result).  Training itself is ``tools/train.py``.
+points, image, depth boxes; generated data, not a result).
+
+``... runner train [tools/train.py arguments]`` runs mmdet3d's own ``tools/train.py`` (the wheel's copy)
+unchanged, after installing the CPU stand-ins (:func:`cpu_ops.install`): ``tools/train.py`` imports
+``mmcv.ops`` before it reads the config, so under mmcv-lite the config's ``custom_imports`` comes too late,
+and a config without the plugin (mmdet3d's own, the baseline) gets the point-op stand-ins this way too.
+For CUDA tensors with the full mmcv the stand-ins hand over to mmcv's kernels, so on a GPU this is the
+same as calling ``tools/train.py`` directly.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import runpy
+import sys
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..common.report import GENERATED
@@ -91,7 +101,33 @@ def check(options: Optional[Dict[str, Any]] = None, batch: int = 2) -> Dict[str,
     return out
 
 
+def train_script() -> str:
+    """mmdet3d's tools/train.py as the wheel ships it (mmdet3d/.mim/tools/train.py)."""
+    import mmdet3d
+
+    path = Path(mmdet3d.__file__).resolve().parent / ".mim" / "tools" / "train.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this mmdet3d install has no .mim/tools; use tools/train.py "
+                                "from a clone of open-mmlab/mmdetection3d at v1.4.0")
+    return str(path)
+
+
+def train(args: Sequence[str]) -> None:
+    """mmdet3d's tools/train.py with ``args`` (e.g. the project config), the CPU stand-ins installed first."""
+    from . import cpu_ops
+
+    cpu_ops.install()
+    script = train_script()
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        rest = argv[1:]
+        train(rest if rest else [str(config_path())])
+        return 0
     parser = argparse.ArgumentParser(prog="python -m deqfusion.adapters.mmdet3d.runner", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)

@@ -21,7 +21,7 @@ model = dict(
                 out_channels=256,
                 fusion="deq",       # "concat": pass the 512 through (then out_channels=512 and mmdet3d's widths)
                 ablation="full",    # a row of the paper's Tables 6/7
-                jac_weight=0.1,     # loss_deq_jac = 0.4 (joint tower weight) * jac_weight * Jacobian term
+                jac_weight=2.5,     # loss_deq_jac = 0.4 (joint tower weight) * 2.5 * Jacobian term = 1.0 * jac
                 options=dict(f_max_iter=55, b_max_iter=56),  # DEQFusion options (deqfusion.FusionConfig)
             ),
             # the joint tower now reads 256 fused channels, like the points-only and image-only towers

@@ -16,21 +16,22 @@
 # What mmcv._ext would provide comes from the project's stand-ins
 # (deqfusion.adapters.mmdet3d.cpu_ops, installed at run time).
 #
-# Time: about 2 min on an idle 2-core machine with a warm pip cache (torch alone ~70 s of it).
+# Time (2 cores, load ~4, warm pip cache): ~140 s: torch 54 s, the pins 72 s, this project 8 s, mmdet3d 4 s.
 # The full route, run by hand (docs/mmdet3d.md): mmcv==2.1.0 built from source
 # (setuptools<81, --no-build-isolation, ~14 min on 2 cores) instead of mmcv-lite, i.e. pip install ".[mmdet3d]".
 mmdet3d_venv="$DEQFUSION_ENVS/mmdet3d"
 mmdet3d_reqs=("numpy<2" "mmengine>=0.8.0,<1.0" "mmcv-lite==2.1.0" "mmdet>=3.0.0,<3.3" "setuptools>=77.0.3,<81"
   numba terminaltables shapely pyquaternion trimesh pytest pytest-timeout)
 # the stamp records what was installed: a venv made from another list is made again
-mmdet3d_stamp="torch==2.13.0 ${mmdet3d_reqs[*]} -e $DEQFUSION_SRC mmdet3d==1.4.0(--no-deps)"
+mmdet3d_stamp="torch==2.13.0 ${mmdet3d_reqs[*]} -e $DEQFUSION_SRC mmdet3d==1.4.0(--no-deps) v2"
 if [[ "$(cat "$mmdet3d_venv/.complete" 2>/dev/null)" != "$mmdet3d_stamp" ]]; then
   rm -rf "$mmdet3d_venv"
   python3 -m venv "$mmdet3d_venv"
   mmdet3d_pip=("$mmdet3d_venv/bin/python" -m pip install -q --disable-pip-version-check)
   "${mmdet3d_pip[@]}" torch==2.13.0
   "${mmdet3d_pip[@]}" "${mmdet3d_reqs[@]}"
-  "${mmdet3d_pip[@]}" -e "$DEQFUSION_SRC"
+  # no build isolation: setuptools<81 is already here (an isolated build would fetch its own, ~1 min)
+  "${mmdet3d_pip[@]}" --no-build-isolation -e "$DEQFUSION_SRC"
   # last, so that no later install reports the requirements left out above
   "${mmdet3d_pip[@]}" --no-deps "mmdet3d==1.4.0"
   echo "$mmdet3d_stamp" > "$mmdet3d_venv/.complete"

@@ -69,6 +69,7 @@ def test_config_is_the_integration(cfg, model):
     assert model.pts_bbox_head_joint.vote_module.in_channels == 256    # fused width, as the config says
     assert cfg.model.pts_bbox_heads.loss_weights == [0.4, 0.3, 0.3]   # inherited from mmdet3d's stage-2 config
     assert str(config_path()).endswith("imvotenet_deq_stage2_8xb16_sunrgbd-3d.py")
+    assert runner.train_script().endswith("mmdet3d/.mim/tools/train.py")   # what `runner train` runs
 
 
 def test_loss_has_deq_jac_summed_into_total(model, step):
@@ -127,3 +128,20 @@ def test_the_keyerror_trap_is_real(cfg, packed):
     model.train()
     with pytest.raises(KeyError, match="loss_deq_jac"):
         model(**model.data_preprocessor(runner.detector_inputs(batch=1), True), mode="loss")
+
+
+def test_head_checks_the_fused_width_against_its_vote_module(cfg):
+    from mmdet3d.registry import MODELS
+
+    from deqfusion.adapters.common.settings import SettingsError
+
+    heads = cfg.model.pts_bbox_heads
+    joint = copy.deepcopy(heads.common)
+    joint.update(copy.deepcopy(heads.joint), test_cfg=cfg.model.test_cfg.pts)
+    joint.vote_module_cfg.in_channels = 512                           # mmdet3d's width, not the fused 256
+    with pytest.raises(SettingsError, match="out_channels=256 but this head's vote_module_cfg.in_channels=512"):
+        MODELS.build(joint)
+    joint.vote_module_cfg.in_channels = 256
+    joint.deq_fusion = dict(joint.deq_fusion, fusion="concat")        # concat keeps 512: says what to change
+    with pytest.raises(SettingsError, match="out_channels=512"):
+        MODELS.build(joint)

@@ -39,12 +39,15 @@ Settings come through the mechanism every adapter shares (:mod:`deqfusion.adapte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Mapping, Optional, Union
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Union
 
 from ..common.settings import FusionSettings, SettingsError, parse_value
+
+if TYPE_CHECKING:  # torch is imported where the fusion is built, so `deqfusion --help` stays fast
+    import torch
+    from torch import nn
+
+    from .fusion import CMBertFusion
 
 __all__ = [
     "Settings", "configure", "current_settings", "build_fusion", "fuse", "loss_term", "CMBertFusion",
@@ -57,7 +60,6 @@ UPSTREAM_SEQ_LEN = 50  # run_classifier.py's --max_seq_length default at the pin
 # and splitting them into groups would normalise each block of positions on its own.
 PAPER_DEFAULTS: Dict[str, Any] = {"f_max_iter": 105, "b_max_iter": 106, "num_groups": 1}
 PAPER_JAC_WEIGHT = 0.01
-INIT_FN_NAME = "init_bert_weights"  # CM-BERT's BertPreTrainedModel initialiser, applied with Module.apply
 
 
 @dataclass(frozen=True)
@@ -84,59 +86,22 @@ configure = Settings.configure
 current_settings = Settings.current
 
 
-class CMBertFusion(nn.Module):
-    """DEQFusion of CM-BERT's text and audio attention maps, (B, L, L) each, rows as channels.
-
-    The forward returns the fused (B, L, L) map; the weighted Jacobian term of a training forward
-    waits in ``pending_loss`` until :func:`loss_term` takes it.  ``last_stats`` / ``last_jac_loss``
-    describe the latest solve (for the runner's log; nothing in the upstream reads them).
-    """
-
-    def __init__(self, settings: Settings):
-        super().__init__()
-        from deqfusion import DEQFusion  # imported here so the sum baseline needs no core
-
-        self.settings = settings
-        self.seq_len = int(settings.seq_len)
-        self.jac_weight = float(settings.jac_weight)
-        self.deq = DEQFusion(dim=self.seq_len, num_modalities=2, **settings.fusion_kwargs())
-        self.pending_loss: Optional[torch.Tensor] = None
-        self.last_stats = None
-        self.last_jac_loss: Optional[float] = None
-
-    def forward(self, text_att: torch.Tensor, audio_att: torch.Tensor) -> torch.Tensor:
-        for name, att in (("text", text_att), ("audio", audio_att)):
-            if att.dim() != 3 or att.shape[1] != self.seq_len or att.shape[2] != self.seq_len:
-                raise ValueError(
-                    f"CM-BERT's {name} attention map has shape {tuple(att.shape)}, but the DEQ fusion was built for "
-                    f"(B, {self.seq_len}, {self.seq_len}); run_classifier's --max_seq_length must equal the adapter's "
-                    f"seq_len (set DEQFUSION_CMBERT_SEQ_LEN={att.shape[-1]}, or seq_len in configure())")
-        out = self.deq([text_att, audio_att])
-        self.last_stats = out.stats
-        if self.training:
-            self.last_jac_loss = float(out.jac_loss.detach())
-            self.pending_loss = self.jac_weight * out.jac_loss
-        else:
-            self.last_jac_loss = None
-            self.pending_loss = None
-        return out.fused
-
-    def apply(self, fn):  # type: ignore[override]
-        """Module.apply, except CM-BERT's ``init_bert_weights``: the fusion keeps the core's initialisation."""
-        if getattr(fn, "__name__", "") == INIT_FN_NAME:
-            return self
-        return super().apply(fn)
-
-    def extra_repr(self) -> str:
-        return self.settings.describe()
-
-
 def build_fusion(settings: Optional[Settings] = None) -> Optional[CMBertFusion]:
     """The module the patched ``BertFinetun.__init__`` stores as ``self.fusion`` (None = simple addition)."""
     settings = settings or current_settings()
     if not settings.is_deq:
         return None
+    from .fusion import CMBertFusion
+
     return CMBertFusion(settings)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CMBertFusion":  # the nn.Module, imported on first use (it needs torch)
+        from .fusion import CMBertFusion
+
+        return CMBertFusion
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fuse(fusion: Optional[nn.Module], text_att: torch.Tensor, audio_att: torch.Tensor,

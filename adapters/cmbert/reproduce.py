@@ -219,6 +219,10 @@ def _environment(args: argparse.Namespace, upstream: Path) -> Dict[str, Any]:
             "patches": [p.name for p in sorted((root / "patches" / "cmbert").glob("*.patch"))]}
 
 
+def log_name(row_key: str, seed: int) -> str:
+    return f"{row_key.replace(':', '-')}-seed{seed}.log"
+
+
 def resolve_bert(args: argparse.Namespace, upstream: Path, out: Path) -> Path:
     """--bert, else (--random-bert) a small random BERT under --out, else the clone's 'pre-trained BERT'."""
     from . import convert
@@ -269,7 +273,8 @@ def run_cmbert(args: argparse.Namespace) -> int:
     tasks = [runner.Task(runner.RunSpec(bert_dir=bert, seed=seed, settings=row.settings, epochs=epochs, rows=args.rows,
                                         batch_size=args.batch_size, audio=args.audio,
                                         generate_audio=not args.no_generate_audio, verify=not args.no_verify,
-                                        device=args.device, threads=args.threads), upstream=upstream)
+                                        device=args.device, threads=args.threads), upstream=upstream,
+                         log_file=out / "logs" / log_name(row.key, seed))
              for row, seed in todo]
     jobs = args.jobs or run_pool.default_jobs(args.threads, args.device, len(tasks))
     meta = {"command": " ".join(["deqfusion"] + sys.argv[1:]) if sys.argv[0].endswith("deqfusion") else " ".join(sys.argv),
@@ -287,12 +292,13 @@ def run_cmbert(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(payload, indent=1, default=str))
         os.replace(tmp, out / "results.json")
 
-    per_run = int(epochs)  # run_classifier trains trange(int(num_train_epochs)) epochs
+    rows_train = args.rows[0] if args.rows else mosi.ROWS["train"]
+    per_run = runner.train_steps(rows_train, args.batch_size, epochs)
     counted = [0] * len(tasks)
-    bar = tqdm(total=len(tasks) * per_run, unit="epoch", disable=args.quiet, dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=len(tasks) * per_run, unit="step", disable=args.quiet, dynamic_ncols=True, file=sys.stderr)
     bar.set_postfix_str(f"{jobs} worker(s)")
 
-    def on_epoch(i: int) -> None:
+    def on_step(i: int) -> None:
         if counted[i] < per_run:
             counted[i] += 1
             bar.update(1)
@@ -302,15 +308,14 @@ def run_cmbert(args: argparse.Namespace) -> int:
         bar.update(per_run - counted[i])
         counted[i] = per_run
         rec = result.to_json()
-        log = rec.pop("upstream_log")
+        rec.pop("upstream_log")  # already in logs/, written while the run went
         rec["row"] = row.key
         runs.append(rec)
-        (out / "logs" / f"{row.key.replace(':', '-')}-seed{seed}.log").write_text(log)
         bar.set_postfix_str(f"{jobs} worker(s); done {row.key} seed {seed}")
         save()
 
     try:
-        run_pool.run_tasks(tasks, runner.execute, jobs=jobs, threads=args.threads, on_epoch=on_epoch, on_done=on_done)
+        run_pool.run_tasks(tasks, runner.execute, jobs=jobs, threads=args.threads, on_epoch=on_step, on_done=on_done)
     finally:
         bar.close()
     order = {(r.key, s): n for n, (r, s) in enumerate((r, s) for r in rows for s in seeds)}

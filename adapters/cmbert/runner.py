@@ -233,23 +233,30 @@ def _threads(n: Optional[int]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _capture_logging(echo: bool) -> Iterator[io.StringIO]:
-    """Root logging at INFO into a buffer in the upstream's format (utils.py's basicConfig), for the run."""
+def _capture_logging(echo: bool, log_file: Optional[Path] = None) -> Iterator[io.StringIO]:
+    """Root logging at INFO into a buffer in the upstream's format (utils.py's basicConfig), for the run;
+    also, line by line, into ``log_file`` (so a run that fails leaves its log)."""
     buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(name)s -   %(message)s",
-                                           datefmt="%m/%d/%Y %H:%M:%S"))
+    fmt = logging.Formatter("%(asctime)s - %(levelname)s - %(name)s -   %(message)s", datefmt="%m/%d/%Y %H:%M:%S")
+    handlers: List[logging.Handler] = [logging.StreamHandler(buf)]
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
     root = logging.getLogger()
     old_level, old_handlers = root.level, list(root.handlers)
     if not echo:
         for h in old_handlers:
             root.removeHandler(h)
-    root.addHandler(handler)
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
         yield buf
     finally:
-        root.removeHandler(handler)
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
         for h in old_handlers:
             if h not in root.handlers:
                 root.addHandler(h)
@@ -326,9 +333,9 @@ def dev_history(log_text: str) -> List[Dict[str, float]]:
 class _Observer:
     """What the runner watches: the models main() builds, the fusion's gradients and solves."""
 
-    def __init__(self, log_every: int, on_epoch: Optional[Callable[[int], None]] = None):
+    def __init__(self, log_every: int, on_step: Optional[Callable[[int], None]] = None):
         self.models: List[Any] = []
-        self.on_epoch = on_epoch
+        self.on_step = on_step
         self.epochs_done = 0
         self.phase = "train"
         self.train_steps = 0
@@ -378,11 +385,11 @@ class _Observer:
         if module.training:
             self.phase = "train"
             self.train_steps += 1
+            if self.on_step is not None:
+                self.on_step(self.train_steps)
         elif self.phase == "train":  # the upstream evaluates on dev after each epoch
             self.phase = "dev"
             self.epochs_done += 1
-            if self.on_epoch is not None:
-                self.on_epoch(self.epochs_done)
         self._flush()
 
     def _on_grad(self, i: int, grad: Any) -> None:
@@ -442,8 +449,12 @@ class _Observer:
 
 
 def run(spec: RunSpec, upstream_dir: Optional[Path] = None, *, workdir: Optional[Path] = None,
-        echo: bool = False, log_every: int = 10, on_epoch: Optional[Callable[[int], None]] = None) -> RunResult:
-    """One run of the upstream's ``run_classifier.main`` (training, dev-loss selection, test); labelled results."""
+        echo: bool = False, log_every: int = 10, on_step: Optional[Callable[[int], None]] = None,
+        log_file: Optional[Path] = None) -> RunResult:
+    """One run of the upstream's ``run_classifier.main`` (training, dev-loss selection, test); labelled results.
+
+    ``on_step`` is called after each training step begins (progress); ``log_file`` gets the log as it is written.
+    """
     import numpy as np
 
     from ..common.cuda_shim import resolve_device
@@ -459,7 +470,7 @@ def run(spec: RunSpec, upstream_dir: Optional[Path] = None, *, workdir: Optional
         from dataclasses import replace
 
         settings = replace(settings, seq_len=spec.max_seq_length)
-    observer = _Observer(log_every, on_epoch)
+    observer = _Observer(log_every, on_step)
     argv = upstream_argv(spec, device.type)
 
     with contextlib.ExitStack() as stack:
@@ -467,7 +478,7 @@ def run(spec: RunSpec, upstream_dir: Optional[Path] = None, *, workdir: Optional
         work.mkdir(parents=True, exist_ok=True)
         if (work / FOLDER / "CM-BERT_output").exists():
             raise ValueError(f"{work / FOLDER / 'CM-BERT_output'} exists: run_classifier.main needs a fresh output folder")
-        buf = stack.enter_context(_capture_logging(echo))
+        buf = stack.enter_context(_capture_logging(echo, log_file))
         data_info = prepare_workdir(spec, work, clone)
         stack.enter_context(_patched_attrs(rc, BertForSequenceClassification=observer.proxy(rc.BertForSequenceClassification)))
         if not spec.data_parallel:
@@ -505,14 +516,21 @@ def run(spec: RunSpec, upstream_dir: Optional[Path] = None, *, workdir: Optional
         wall_s=wall, upstream_log=log_text)
 
 
+def train_steps(rows: int, batch_size: Optional[int], epochs: float) -> int:
+    """Training steps run_classifier makes: ceil(rows / batch) per epoch, int(num_train_epochs) epochs."""
+    batch = batch_size or UPSTREAM_HPARAMS["train_batch_size"]
+    return -(-int(rows) // int(batch)) * int(epochs)
+
+
 @dataclass(frozen=True)
 class Task:
-    """One training run for the run pool."""
+    """One training run for the run pool; ``log_file`` receives the upstream's log while it runs."""
 
     spec: RunSpec
     upstream: Optional[Path] = None
+    log_file: Optional[Path] = None
 
 
-def execute(task: Task, on_epoch: Optional[Callable[[int], None]] = None) -> RunResult:
-    """The run pool's worker: one run, ``on_epoch`` called after each of the upstream's epochs."""
-    return run(task.spec, task.upstream, on_epoch=on_epoch)
+def execute(task: Task, on_step: Optional[Callable[[int], None]] = None) -> RunResult:
+    """The run pool's worker: one run, ``on_step`` called at each training step (the pool's progress tick)."""
+    return run(task.spec, task.upstream, on_step=on_step, log_file=task.log_file)

@@ -239,10 +239,13 @@ def reproduced(clones, tmp_path_factory):
     from deqfusion.cli import main
 
     out = tmp_path_factory.mktemp("cmbert-reproduce")
-    torch.set_num_threads(1)
-    rc = main(["reproduce", "cmbert", "--random-bert", "--epochs", "1", "--rows", ",".join(map(str, ROWS)),
-               "--seeds", "1", "--jobs", "1", "--threads", "1", "--quiet", "--upstream", str(clones["patched"]),
-               "--out", str(out), *FAST])
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["reproduce", "cmbert", "--random-bert", "--epochs", "1", "--rows", ",".join(map(str, ROWS)),
+                   "--seeds", "1", "--jobs", "1", "--threads", "1", "--quiet", "--upstream", str(clones["patched"]),
+                   "--out", str(out), *FAST])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     return out, results, {r["row"]: r for r in results["runs"]}

@@ -33,6 +33,7 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.5"],
         "mmdynamics": ["numpy>=1.21", "scikit-learn>=1.0"],
+        "mcan": ["numpy>=1.16", "pyyaml>=5.1"],
         "bench": ["torchdeq==0.1.0", "matplotlib>=3.5"],
         "test": [
             "pytest>=7",
@@ -43,6 +44,7 @@ setup(
             "numpy>=1.21",
             "scikit-learn>=1.0",
             "torchdeq==0.1.0",
+            "pyyaml>=5.1",
         ],
     },
     entry_points={"console_scripts": ["deqfusion=deqfusion.cli:main"]},

@@ -219,6 +219,10 @@ def run_mcan(args: argparse.Namespace) -> int:
     vectors = args.vectors
     if not generated and vectors == "auto":
         vectors = "real"  # real data: GloVe or an explicit choice of the stand-in
+    if vectors == "real" and not runner.compat.real_vectors_available():
+        print(f"error: the GloVe vectors MCAN loads are not installed: {runner.compat.GLOVE_FIX}; or pass "
+              f"--vectors standin (deterministic vectors, not GloVe; the table says so)", file=sys.stderr)
+        return 2
     size = args.size or ("tiny" if generated else "large")
     overrides = runner.tiny_overrides(mcan_data.feature_dim(root)) if size == "tiny" else {}
     overrides.update(dict(args.model_option or {}))
@@ -284,6 +288,8 @@ def run_mcan(args: argparse.Namespace) -> int:
     text = render(summary, rows, generated, prior, what)
     text += "\n" + _fusion_note(runs)
     wall = time.perf_counter() - t_start
+    if not generated and any(r["vectors"] == "standin" for r in runs):
+        text += "\n**Word vectors: the deterministic stand-in, not GloVe** (--vectors standin): not the paper's setting.\n"
     text += (f"\nModel: MCAN-large{' shrunk by ' + json.dumps(overrides) if overrides else ''}; word vectors: "
              f"{sorted({r['vectors'] for r in runs})}; {n_epochs} epochs, batch {batch or 64}; wall time {wall / 60:.1f} min.\n")
     header = (f"# MCAN reproduction (paper Table 5)\n\n`{meta['command']}`\n\nUpstream {runner.UPSTREAM_COMMIT[:7]} "

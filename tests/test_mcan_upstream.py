@@ -20,7 +20,12 @@ from deqfusion.adapters import mcan as A
 from deqfusion.adapters.common.report import GENERATED
 from deqfusion.adapters.mcan import compat, data as D, runner as R
 
-pytestmark = pytest.mark.mirror
+pytestmark = [
+    pytest.mark.mirror,
+    # MCAN's 2019 code: regex strings with invalid escapes; pin_memory=True on a machine without CUDA
+    pytest.mark.filterwarnings("ignore:invalid escape sequence:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*pin_memory.*:UserWarning"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCHES = sorted((ROOT / "patches" / "mcan").glob("*.patch"))

@@ -59,7 +59,10 @@ class SolverStats:
         return {s.name.lower(): int((self.status == s).sum()) for s in Status}
 
     def summary(self) -> str:
-        parts = [f"{k}={v}" for k, v in self.counts().items() if v]
+        """One line, e.g. 'anderson: 60 converged, 4 at the step cap; steps max 55, worst rel residual ...'."""
+        words = {"converged": "converged", "max_iter": "at the step cap", "diverged": "diverged",
+                 "non_finite": "non-finite"}
+        parts = [f"{v} {words.get(k, k)}" for k, v in self.counts().items() if v]
         res = self.abs_lowest if self.stop_mode == "abs" else self.rel_lowest
         worst = float(res.max()) if res.numel() else float("nan")
         return (f"{self.solver}: {', '.join(parts) or 'empty'}; steps max {int(self.nstep.max()) if self.nstep.numel() else 0}, "

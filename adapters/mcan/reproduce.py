@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import mcan as adapter
 from ..common import report
+from ..common.reproduce import HelpFormatter
 from ..common.settings import ABLATION_ROWS
 
 # The paper's Table 5 (VQA-v2 val, in %): Yes/no, Number, Other, Overall.
@@ -67,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "mcan", help="MCAN-large on VQA-v2, sum vs DEQ fusion (paper Table 5)",
         description="Runs MCAN's own run.py (pinned 6b165e9, patched) with --RUN='train' --MODEL='large' "
                     "--SPLIT='train' for the sum baseline and DEQ fusion on the same seeds; see docs/vqa.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     m.add_argument("--data-dir", type=Path, default=None,
                    help="MCAN's datasets/ folder (vqa/ and coco_extract/); default $DEQFUSION_MCAN_DATA")
     m.add_argument("--generated", action="store_true",
@@ -183,6 +184,13 @@ def _count_train(root: Path) -> int:
 
 
 def run_mcan(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("numpy", "yaml") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"error: deqfusion reproduce mcan needs {', '.join(missing)} (MCAN imports it), not "
+              f"installed: pip install 'deqfusion[mcan]'", file=sys.stderr)
+        return 2
     from tqdm import tqdm
 
     from ..common import vqa2

@@ -33,6 +33,7 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.5"],
         "mmdynamics": ["numpy>=1.21", "scikit-learn>=1.0"],
+        "mcan": ["numpy>=1.16", "pyyaml>=5.1"],
         # CM-BERT imports pytorch-pretrained-bert 0.6.1 (BertAdam, tokenizer), matplotlib, sklearn, requests;
         # transformers builds its 'pre-trained BERT' folder (adapters/cmbert/convert.py). Install after torch.
         "cmbert": ["numpy>=1.21", "scikit-learn>=1.0", "matplotlib>=3.5", "requests>=2.20",
@@ -47,6 +48,7 @@ setup(
             "numpy>=1.21",
             "scikit-learn>=1.0",
             "torchdeq==0.1.0",
+            "pyyaml>=5.1",
             "pytorch-pretrained-bert==0.6.1",  # cmbert: the upstream's own loop runs in the main test env
             "transformers>=4.30",              # cmbert: the BERT conversion test (CPU, tiny random models)
         ],

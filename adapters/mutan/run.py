@@ -11,18 +11,75 @@ on a current Python, with three run-time measures and nothing else changed.
    exit status is 1 when the run failed.
 
 Run it from the block clone's root, as ``bootstrap.run`` itself (``block`` is imported from there).
+
+One option of its own, taken out before bootstrap parses the rest: ``--deqfusion-grad-log PATH`` writes,
+for every training step, the gradient of the network's answer fusion (``net.fusion``: block's Mutan or
+the DEQ classifier) -- its norm and how many of its parameter tensors received a non-zero, finite
+gradient -- to the JSON file PATH (a diagnostic; the tests use it to see the fusion being trained).
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import compat
 
+GRAD_LOG_FLAG = "--deqfusion-grad-log"
+
+
+def _split_grad_log(args: List[str]) -> Tuple[List[str], Optional[str]]:
+    out, path, i = [], None, 0
+    while i < len(args):
+        if args[i] == GRAD_LOG_FLAG:
+            if i + 1 >= len(args):
+                raise SystemExit(f"{GRAD_LOG_FLAG} needs a path")
+            path, i = args[i + 1], i + 2
+        elif args[i].startswith(GRAD_LOG_FLAG + "="):
+            path, i = args[i].split("=", 1)[1], i + 1
+        else:
+            out.append(args[i])
+            i += 1
+    return out, path
+
+
+def _fusion_gradients(engine: Any) -> Dict[str, Any]:
+    net = engine.model.network
+    net = getattr(net, "module", net)
+    params = [p for p in net.fusion.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    reached = sum(1 for g in grads if g is not None and bool(g.isfinite().all()) and float(g.abs().sum()) > 0)
+    sq = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+    return {"epoch": int(engine.epoch), "fusion": type(net.fusion).__name__, "tensors": len(params),
+            "reached": reached, "grad_norm": math.sqrt(sq) if math.isfinite(sq) else float("nan")}
+
+
+def _record_gradients(path: str) -> None:
+    """Wrap bootstrap's engine factory so that the engine logs the fusion's gradients to ``path``."""
+    from bootstrap import engines
+
+    make_engine = engines.factory
+    records: List[Dict[str, Any]] = []
+
+    def write() -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(records, fh)
+        os.replace(tmp, path)
+
+    def factory(*args, **kwargs):
+        engine = make_engine(*args, **kwargs)
+        engine.register_hook("train_on_backward", lambda: records.append(_fusion_gradients(engine)))
+        engine.register_hook("train_on_end_epoch", write)
+        return engine
+
+    engines.factory = factory
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args: List[str] = list(sys.argv[1:] if argv is None else argv)
+    args, grad_log = _split_grad_log(list(sys.argv[1:] if argv is None else argv))
     compat.install()
     bindir = os.path.dirname(os.path.abspath(sys.executable))
     path = os.environ.get("PATH", "")
@@ -34,6 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from bootstrap import run as bootstrap_run
 
+    if grad_log:
+        _record_gradients(os.path.abspath(grad_log))
     failures: List[BaseException] = []
 
     def run_and_record(path_opts=None):

@@ -12,6 +12,9 @@ on a current Python, with three run-time measures and nothing else changed.
 
 Run it from the block clone's root, as ``bootstrap.run`` itself (``block`` is imported from there).
 
+``-o mutan`` / ``-o mutan_deq`` (a name, not an existing file) is short for the project's options file of
+that name (``python -m deqfusion.adapters.mutan.options NAME`` prints its path); any other ``-o`` is bootstrap's.
+
 One option of its own, taken out before bootstrap parses the rest: ``--deqfusion-grad-log PATH`` writes,
 for every training step, the gradient of the network's answer fusion (``net.fusion``: block's Mutan or
 the DEQ classifier) -- its norm and how many of its parameter tensors received a non-zero, finite
@@ -43,6 +46,22 @@ def _split_grad_log(args: List[str]) -> Tuple[List[str], Optional[str]]:
             out.append(args[i])
             i += 1
     return out, path
+
+
+def _resolve_options(args: List[str]) -> List[str]:
+    """``-o mutan_deq`` -> ``-o /abs/path/to/deqfusion/adapters/mutan/options/mutan_deq.yaml``."""
+    from . import options
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        flag, eq, value = arg.partition("=")
+        if flag in ("-o", "--path_opts"):
+            if eq:
+                if value in options.NAMES and not os.path.exists(value):
+                    out[i] = f"{flag}={options.path(value)}"
+            elif i + 1 < len(out) and out[i + 1] in options.NAMES and not os.path.exists(out[i + 1]):
+                out[i + 1] = str(options.path(out[i + 1]))
+    return out
 
 
 def _fusion_gradients(engine: Any) -> Dict[str, Any]:
@@ -80,6 +99,7 @@ def _record_gradients(path: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, grad_log = _split_grad_log(list(sys.argv[1:] if argv is None else argv))
+    args = _resolve_options(args)
     compat.install()
     bindir = os.path.dirname(os.path.abspath(sys.executable))
     path = os.environ.get("PATH", "")

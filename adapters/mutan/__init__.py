@@ -7,8 +7,8 @@ patched: the project's options file ``options/mutan_deq.yaml`` names
 * :mod:`deqfusion.adapters.mutan.network` -- block's own network factory builds block's ``VQANet``
   (skip-thoughts question encoder, Mutan attention over the 36 regions, Mutan answer fusion); the
   answer fusion ``net.fusion`` (q (B, 4800) x v (B, 4096) -> logits (B, nans)) is then replaced by
-  :class:`~deqfusion.adapters.mutan.head.DEQClassifier`: q and v projected to ``dim`` (Mutan's ``mm_dim``, 700), DEQ fusion, a
-  linear layer to the answers.  Its Jacobian term and solver statistics join the network's output;
+  :class:`~deqfusion.adapters.mutan.head.DEQClassifier`: q and v projected to ``dim`` (Mutan's
+  ``mm_dim``, 700), DEQ fusion, a linear layer to the answers.  Its Jacobian term and solver statistics join the network's output;
 * :mod:`deqfusion.adapters.mutan.criterion` -- block's own criterion (VQA cross-entropy) plus
   ``jac_weight x`` the Jacobian term, and the statistics as scalars for bootstrap's logger.
 

@@ -74,8 +74,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
     m.add_argument("--threads", type=int, default=1, help="torch threads of each run (0: torch's default)")
     m.add_argument("--workers", type=int, default=0, help="DataLoader workers (dataset.nb_threads)")
-    m.add_argument("--view", default="tensorboard",
-                   help="bootstrap view: tensorboard, or plotly (block's; needs plotly<4 and seaborn)")
+    m.add_argument("--view", default=None, choices=["plotly", "tensorboard"],
+                   help="bootstrap's view (default: the options' plotly, which needs plotly<4 and seaborn, as the "
+                        "[mutan] extra installs; tensorboard needs tensorboardX only)")
     m.add_argument("--grad-log", action="store_true", help="record the answer fusion's gradients at every step")
     m.add_argument("--timeout", type=float, default=None, help="seconds per training run")
     m.add_argument("--out", type=Path, default=None, help="output folder (default runs/mutan-<time>)")

@@ -22,7 +22,7 @@ setup(
         "deqfusion.adapters": "adapters",
         **{p: "adapters/" + p.split(".", 2)[2].replace(".", "/") for p in ADAPTER_PACKAGES},
     },
-    package_data={"deqfusion.upstream": ["*.toml"]},
+    package_data={"deqfusion.upstream": ["*.toml"], "deqfusion.adapters.mutan.options": ["*.yaml"]},
     python_requires=">=3.8",
     install_requires=[
         "torch>=2.1",
@@ -39,6 +39,11 @@ setup(
         "cmbert": ["numpy>=1.21", "scikit-learn>=1.0", "matplotlib>=3.5", "requests>=2.20",
                    "pytorch-pretrained-bert==0.6.1", "transformers>=4.30"],
         "bench": ["torchdeq==0.1.0", "matplotlib>=3.5"],
+        # block.bootstrap.pytorch runs from its clone (./apply_patches.sh mutan); these are what it imports.
+        # PyYAML 5 on Python <= 3.9 (bootstrap's yaml.load without a Loader; newer: deqfusion.adapters.mutan.run),
+        # plotly < 4 (bootstrap's plotly view imports plotly.plotly), cv2 (block.datasets imports it for VRD).
+        "mutan": ["bootstrap.pytorch==0.0.13", "skipthoughts==0.0.1", "pyyaml>=5.1,<6; python_version<'3.10'",
+                  "plotly<4", "scipy>=1.5", "opencv-python-headless>=4.5", "numpy>=1.21"],
         "test": [
             "pytest>=7",
             "pytest-timeout>=2.1",

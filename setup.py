@@ -33,6 +33,10 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.5"],
         "mmdynamics": ["numpy>=1.21", "scikit-learn>=1.0"],
+        # MultiBench's imports on the late-fusion path. torchvision is optional (the adapter stands it in when it
+        # is absent; docs/multibench.md): install the build that matches your torch, e.g. torch 2.1.2 + 0.16.2
+        "multibench": ["numpy>=1.21", "scikit-learn>=1.0", "h5py>=3.1", "memory-profiler>=0.58", "matplotlib>=3.5",
+                       "pillow>=8"],
         "bench": ["torchdeq==0.1.0", "matplotlib>=3.5"],
         "test": [
             "pytest>=7",
@@ -43,6 +47,8 @@ setup(
             "numpy>=1.21",
             "scikit-learn>=1.0",
             "torchdeq==0.1.0",
+            "h5py>=3.1",
+            "memory-profiler>=0.58",
         ],
     },
     entry_points={"console_scripts": ["deqfusion=deqfusion.cli:main"]},

@@ -305,3 +305,19 @@ def test_dockerfile_runs_the_training_command_in_multibenchs_era():
     assert "WORKDIR /opt/deqfusion/third_party/multibench" in text
     assert text.rstrip().endswith('CMD ["python", "examples/multimedia/mmimdb_simple_late_fusion.py"]')
     assert "DEQFUSION_MULTIBENCH_DATA=/data/multimodal_imdb.hdf5" in text
+
+
+def test_dataloader_workers_fork_inside_spawned_pool_workers():
+    """run_pool workers are spawned; MultiBench's DataLoaders must still fork (stand-ins, the split-mapping class)."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    from deqfusion.adapters.multibench import runner
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork start method on this platform")
+    with_workers, without = DataLoader(list(range(4)), num_workers=2), DataLoader(list(range(4)))
+    runner._fork_workers((with_workers, without, {"image": []}))
+    assert with_workers.multiprocessing_context.get_start_method() == "fork"
+    assert without.multiprocessing_context is None

@@ -239,6 +239,20 @@ def remapped_dataset(base: type, splits: Dict[str, Any]) -> type:
     return IMDBDatasetOwnSplit
 
 
+def _fork_workers(loaders: Any) -> Any:
+    """DataLoader workers fork, as in a plain run of the example on Linux, also inside a spawned run_pool
+    worker (whose default start method is spawn): a spawned DataLoader worker would re-import get_data.py
+    without the import stand-ins, and could not unpickle the split-mapping dataset class."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return loaders
+    for loader in loaders if isinstance(loaders, (tuple, list)) else (loaders,):
+        if getattr(loader, "num_workers", 0) > 0 and loader.multiprocessing_context is None:
+            loader.multiprocessing_context = "fork"
+    return loaders
+
+
 class _OptimizerRecorder:
     """Wraps train()'s ``optimtype`` to keep the optimiser it builds (for the learning-rate check)."""
 
@@ -330,9 +344,11 @@ def run(spec: RunSpec, upstream_dir: Optional[Path] = None, *, workdir: Optional
                 bound.arguments["batch_size"] = spec.batch_size
             state["loader_args"] = {k: v for k, v in bound.arguments.items() if k not in ("path", "test_path")}
             if info.upstream_layout:
-                return orig_loader(*bound.args, **bound.kwargs)
-            with _patched_attrs(gd, IMDBDataset=remapped_dataset(gd.IMDBDataset, info.splits)):
-                return orig_loader(*bound.args, **bound.kwargs)
+                loaders = orig_loader(*bound.args, **bound.kwargs)
+            else:
+                with _patched_attrs(gd, IMDBDataset=remapped_dataset(gd.IMDBDataset, info.splits)):
+                    loaders = orig_loader(*bound.args, **bound.kwargs)
+            return _fork_workers(loaders)
 
         def train(encoders, fusion, head, train_dataloader, valid_dataloader, total_epochs, *args, **kwargs):
             state["fusion"] = fusion

@@ -321,3 +321,18 @@ def test_dataloader_workers_fork_inside_spawned_pool_workers():
     runner._fork_workers((with_workers, without, {"image": []}))
     assert with_workers.multiprocessing_context.get_start_method() == "fork"
     assert without.multiprocessing_context is None
+
+
+@pytest.mark.parametrize("line, want", [
+    ("Epoch 3 train loss: tensor(0.6931, grad_fn=<DivBackward0>)", ("train", 3, 0.6931)),
+    ("Epoch 3 train loss: tensor(0.6931, device='cuda:0', grad_fn=<DivBackward0>)", ("train", 3, 0.6931)),
+    ("Epoch 0 valid loss: tensor(2.6616) f1_micro: 0.187 f1_macro: 0.156", ("valid", 0, 2.6616, 0.187, 0.156)),
+    ("Epoch 0 valid loss: tensor(2.6616, device='cuda:0') f1_micro: 0.5 f1_macro: 0.25", ("valid", 0, 2.6616, 0.5, 0.25)),
+    ("Saving Best", ("saved",)),
+    ("Training Peak Mem: 669.0", ("info", "Training Peak Mem", "669.0")),
+    (" f1_micro: 0.25 f1_macro: 0.18", None),
+])
+def test_multibench_output_is_parsed_on_cpu_and_gpu(line, want):
+    from deqfusion.adapters.multibench import runner
+
+    assert runner.parse_line(line) == want

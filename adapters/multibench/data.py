@@ -114,7 +114,12 @@ def read_splits(h5: Any) -> Dict[str, Tuple[int, int]]:
 
 
 def check_file(path: Path, *, require_upstream_layout: bool = False) -> FileInfo:
-    """Open ``path`` and check what MultiBench's late-fusion path reads; raise DataError naming the fix."""
+    """Open ``path`` and check what MultiBench's late-fusion path reads; raise DataError naming the fix.
+
+    The three datasets must have their trailing shapes and dtype kinds and the same row count; a ``split``
+    attribute must give train/dev/test within the file.  A file without one, or any file when
+    ``require_upstream_layout``, must fit the loader's fixed ranges (>= 25,959 rows, the release's split).
+    """
     import h5py
 
     path = Path(path).expanduser()

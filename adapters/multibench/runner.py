@@ -58,7 +58,7 @@ UPSTREAM_PACKAGES = ("datasets", "unimodals", "fusions", "training_structures", 
                      "utils", "objective_functions", "special", "deprecated", "private_test_scripts")
 
 _TRAIN = re.compile(r"^Epoch (\d+) train loss: (?:tensor\()?([-+0-9.eEnaifNIF]+)")
-_VALID = re.compile(r"^Epoch (\d+) valid loss: (?:tensor\()?([-+0-9.eEnaifNIF]+)\S* f1_micro: (\S+) f1_macro: (\S+)")
+_VALID = re.compile(r"^Epoch (\d+) valid loss: (?:tensor\()?([-+0-9.eEnaifNIF]+).*? f1_micro: (\S+) f1_macro: (\S+)")
 _INFO = re.compile(r"^(Training Time|Training Peak Mem|Training Params|Inference Time|Inference Params): (\S+)")
 
 
@@ -149,6 +149,24 @@ class _LineTap(io.TextIOBase):
 
     def getvalue(self) -> str:
         return "\n".join(self.lines + ([self._buf] if self._buf else []))
+
+
+def parse_line(line: str) -> Optional[tuple]:
+    """One line of MultiBench's output: ("train", epoch, loss), ("valid", epoch, loss, f1_micro, f1_macro),
+    ("saved",), ("info", key, value) or None.  Losses print as tensors (``tensor(0.69, grad_fn=...)``,
+    on a GPU ``tensor(0.69, device='cuda:0')``)."""
+    m = _TRAIN.match(line)
+    if m:
+        return ("train", int(m.group(1)), _number(m.group(2)))
+    m = _VALID.match(line)
+    if m:
+        return ("valid", int(m.group(1)), _number(m.group(2)), _number(m.group(3)), _number(m.group(4)))
+    if line.strip() == "Saving Best":
+        return ("saved",)
+    m = _INFO.match(line)
+    if m:
+        return ("info", m.group(1), m.group(2))
+    return None
 
 
 def _number(text: str) -> float:
@@ -295,28 +313,23 @@ def run(spec: RunSpec, upstream_dir: Optional[Path] = None, *, workdir: Optional
     state: Dict[str, Any] = {"history": [], "runs": 0, "test": [], "complexity": {}, "fusion": None, "opt": None}
 
     def on_line(line: str) -> None:
-        m = _TRAIN.match(line)
-        if m:
-            epoch = int(m.group(1))
-            if epoch == 0:
+        parsed = parse_line(line)
+        if parsed is None:
+            return
+        kind, history = parsed[0], state["history"]
+        if kind == "train":
+            if parsed[1] == 0:  # a (re)start of train()'s loop
                 state["runs"] += 1
-                state["history"] = []
-            state["history"].append({"epoch": epoch, "train_loss": _number(m.group(2)), "saved": False})
-            return
-        m = _VALID.match(line)
-        if m and state["history"]:
-            entry = state["history"][-1]
-            entry.update(valid_loss=_number(m.group(2)), f1_micro=100 * _number(m.group(3)),
-                         f1_macro=100 * _number(m.group(4)))
+                state["history"] = history = []
+            history.append({"epoch": parsed[1], "train_loss": parsed[2], "saved": False})
+        elif kind == "valid" and history:
+            history[-1].update(valid_loss=parsed[2], f1_micro=100 * parsed[3], f1_macro=100 * parsed[4])
             if on_epoch is not None:
-                on_epoch(entry["epoch"])
-            return
-        if line.strip() == "Saving Best" and state["history"]:
-            state["history"][-1]["saved"] = True
-            return
-        m = _INFO.match(line)
-        if m:
-            state["complexity"][m.group(1)] = m.group(2)
+                on_epoch(parsed[1])
+        elif kind == "saved" and history:
+            history[-1]["saved"] = True
+        elif kind == "info":
+            state["complexity"][parsed[1]] = parsed[2]
 
     tap = _LineTap(on_line, echo)
     with contextlib.ExitStack() as stack:

@@ -38,6 +38,10 @@ setup(
         # transformers builds its 'pre-trained BERT' folder (adapters/cmbert/convert.py). Install after torch.
         "cmbert": ["numpy>=1.21", "scikit-learn>=1.0", "matplotlib>=3.5", "requests>=2.20",
                    "pytorch-pretrained-bert==0.6.1", "transformers>=4.30"],
+        # MultiBench's imports on the late-fusion path. torchvision is optional (the adapter stands it in when it
+        # is absent; docs/multibench.md): install the build that matches your torch, e.g. torch 2.1.2 + 0.16.2
+        "multibench": ["numpy>=1.21", "scikit-learn>=1.0", "h5py>=3.1", "memory-profiler>=0.58", "matplotlib>=3.5",
+                       "pillow>=8"],
         "bench": ["torchdeq==0.1.0", "matplotlib>=3.5"],
         # block.bootstrap.pytorch runs from its clone (./apply_patches.sh mutan); these are what it imports.
         # PyYAML 5 on Python <= 3.9 (bootstrap's yaml.load without a Loader; newer: deqfusion.adapters.mutan.run),
@@ -56,6 +60,8 @@ setup(
             "pyyaml>=5.1",
             "pytorch-pretrained-bert==0.6.1",  # cmbert: the upstream's own loop runs in the main test env
             "transformers>=4.30",              # cmbert: the BERT conversion test (CPU, tiny random models)
+            "h5py>=3.1",
+            "memory-profiler>=0.58",
         ],
     },
     entry_points={"console_scripts": ["deqfusion=deqfusion.cli:main"]},

@@ -193,6 +193,7 @@ def test_gather_group_interpolate_match_explicit_loops():
     gidx = torch.randint(0, 10, (2, 3, 5), generator=g, dtype=torch.int32)
     grouped = ops.group_points(feats, gidx)
     assert grouped.shape == (2, 4, 3, 5)
+    assert grouped._base is None  # a new tensor, not a view: autograd.Function outputs get modified in place
     for b in range(2):
         for c in range(4):
             for j in range(3):

@@ -152,10 +152,12 @@ def ball_query(radius: float, nsample: int, xyz: torch.Tensor, new_xyz: torch.Te
 
 def group_points(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """(B, C, N), (B, M, K) -> (B, C, M, K): ``features[b, :, idx[b, m, k]]``, differentiable."""
-    batch, channels, _ = features.shape
+    batch, channels, n = features.shape
     _, m, k = idx.shape
-    index = idx.long().reshape(batch, 1, m * k).expand(batch, channels, m * k)
-    return features.gather(2, index).reshape(batch, channels, m, k)
+    # gather from a (B, C, N, K) expanded view: the result is a new tensor, not a view of one, so that
+    # it may be returned from an autograd.Function and modified in place (QueryAndGroup does both)
+    index = idx.long()[:, None].expand(batch, channels, m, k)
+    return features[..., None].expand(batch, channels, n, k).gather(2, index)
 
 
 def three_nn_squared(unknown: torch.Tensor, known: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

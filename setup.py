@@ -33,6 +33,10 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.5"],
         "mmdynamics": ["numpy>=1.21", "scikit-learn>=1.0"],
+        # what ImVoteNet's train.py/eval.py import (its README: matplotlib opencv-python plyfile tqdm
+        # networkx trimesh tensorboardX, plus scipy); trimesh>=3 needs the runner's trimesh.io alias
+        "imvotenet": ["numpy>=1.21", "scipy>=1.7", "matplotlib>=3.5", "opencv-python-headless>=4.5",
+                      "plyfile>=0.7", "trimesh>=3.9", "tensorboardX>=2.4", "pillow>=8", "tqdm>=4.60"],
         "bench": ["torchdeq==0.1.0", "matplotlib>=3.5"],
         "test": [
             "pytest>=7",

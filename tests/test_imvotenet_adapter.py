@@ -93,15 +93,16 @@ def test_wrap_loss_adds_the_weighted_jacobian_term(caplog):
     wrapped = A.wrap_loss(get_loss, A.Settings(jac_weight=0.5))
     with caplog.at_level(logging.INFO, logger=A.log.name):
         loss, ep = wrapped(ep, None, ["pc_img_"], {})
-    assert float(loss) == pytest.approx(2.0 + 0.5 * 1.0) and ep["loss"] is loss
+    assert float(loss.detach()) == pytest.approx(2.0 + 0.5 * 1.0) and ep["loss"] is loss
     assert ep["deq_jac_loss"].dim() == 0 and float(ep["deq_jac_loss"]) == 1.0  # .item() works in train.py's loop
     assert float(ep["deq_converged_ratio"]) == 0.5
     records = {r.getMessage().split(" ", 2)[1]: json.loads(r.getMessage().split(" ", 2)[2]) for r in caplog.records}
     assert records["forward"]["status"] == ["converged", "max_iter"] and records["forward"]["nstep"] == [3, 4]
+    assert records["forward"]["training"] is True
     assert records["loss"]["towers"] == {"pc_img_loss": 3.0} and records["loss"]["training"] is True
     # concatenation: the upstream's loss, untouched
     loss2, ep2 = A.wrap_loss(get_loss)({}, None, ["pc_img_"], {})
-    assert float(loss2) == 2.0 and "deq_converged_ratio" not in ep2
+    assert float(loss2.detach()) == 2.0 and "deq_converged_ratio" not in ep2
 
 
 # ---------------------------------------------------------------- run-time shims

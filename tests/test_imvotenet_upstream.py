@@ -189,7 +189,8 @@ def test_train_and_eval_through_the_upstreams_own_scripts(clones, tmp_path, caps
     deq = R.read_deq_log(Path(results["deq"]["train"]["deq_log"]))
     forward = [r for r in deq if r["kind"] == "forward"]
     steps = [r for r in deq if r["kind"] == "step"]
-    assert len(forward) == 3 and len(steps) == 2  # two training iterations, one in-loop evaluation batch
+    assert [r["training"] for r in forward] == [True, True, False] and len(steps) == 2  # 2 iterations, 1 eval batch
+    assert results["deq"]["deq"]["iterations"] == 2
     for r in forward:
         assert len(r["nstep"]) == len(r["status"]) == len(r["rel_residual"]) == 2  # per scene
         assert all(1 <= n <= 4 for n in r["nstep"]) and all(math.isfinite(x) for x in r["abs_residual"])

@@ -174,7 +174,7 @@ def wrap_loss(get_loss: Callable, settings: Optional[Settings] = None) -> Callab
 
         end_points["deq_converged_ratio"] = (end_points["deq_status"] == int(Status.CONVERGED)).float().mean()
         if log.isEnabledFor(logging.INFO):
-            log.info("deq forward %s", json.dumps(step_record(end_points)))
+            log.info("deq forward %s", json.dumps(dict(step_record(end_points), training=bool(loss.requires_grad))))
         _log_loss(loss, end_points)
         return loss, end_points
 

@@ -276,8 +276,9 @@ class RunResult:
     checkpoint: Path
 
     def deq_summary(self) -> Dict[str, Any]:
-        """Mean solver steps, worst residual and status counts over the training iterations (DEQ rows)."""
-        fwd = self.train.deq_records("forward")
+        """Mean solver steps, worst residual and status counts over the training iterations (DEQ rows;
+        the in-loop evaluation's solves are left out)."""
+        fwd = [r for r in self.train.deq_records("forward") if r.get("training")]
         if not fwd:
             return {}
         steps = [n for r in fwd for n in r["nstep"]]

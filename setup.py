@@ -42,6 +42,10 @@ setup(
         # is absent; docs/multibench.md): install the build that matches your torch, e.g. torch 2.1.2 + 0.16.2
         "multibench": ["numpy>=1.21", "scikit-learn>=1.0", "h5py>=3.1", "memory-profiler>=0.58", "matplotlib>=3.5",
                        "pillow>=8"],
+        # what ImVoteNet's train.py/eval.py import (its README: matplotlib opencv-python plyfile tqdm
+        # networkx trimesh tensorboardX, plus scipy); trimesh>=3 needs the runner's trimesh.io alias
+        "imvotenet": ["numpy>=1.21", "scipy>=1.7", "matplotlib>=3.5", "opencv-python-headless>=4.5",
+                      "plyfile>=0.7", "trimesh>=3.9", "tensorboardX>=2.4", "pillow>=8", "tqdm>=4.60"],
         "bench": ["torchdeq==0.1.0", "matplotlib>=3.5"],
         # block.bootstrap.pytorch runs from its clone (./apply_patches.sh mutan); these are what it imports.
         # PyYAML 5 on Python <= 3.9 (bootstrap's yaml.load without a Loader; newer: deqfusion.adapters.mutan.run),

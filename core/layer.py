@@ -111,7 +111,8 @@ class DEQFusion(nn.Module):
         self.modality_weights = nn.Parameter(torch.ones(num_modalities)) if uses_x_fuse else None
         self.fuse_bias = nn.Parameter(torch.zeros(1)) if uses_x_fuse else None
         self.modality_blocks = (
-            nn.ModuleList(ModalityBlock(dim, cfg.num_groups, cfg.block_residual) for _ in range(num_modalities))
+            nn.ModuleList(ModalityBlock(dim, cfg.num_groups, cfg.block_residual, cfg.input_scale)
+                          for _ in range(num_modalities))
             if solving and cfg.use_modality_blocks else None
         )
         self.fusion_block = FusionBlock(dim, cfg.num_groups, gate=cfg.use_gate) if solving and cfg.use_fusion_block else None

@@ -22,7 +22,8 @@ setup(
         "deqfusion.adapters": "adapters",
         **{p: "adapters/" + p.split(".", 2)[2].replace(".", "/") for p in ADAPTER_PACKAGES},
     },
-    package_data={"deqfusion.upstream": ["*.toml"], "deqfusion.adapters.mutan.options": ["*.yaml"]},
+    package_data={"deqfusion.upstream": ["*.toml"], "deqfusion.adapters.mutan.options": ["*.yaml"],
+                  "deqfusion.adapters.mmdet3d": ["configs/*.py"]},
     python_requires=">=3.8",
     install_requires=[
         "torch>=2.1",
@@ -46,6 +47,10 @@ setup(
         # networkx trimesh tensorboardX, plus scipy); trimesh>=3 needs the runner's trimesh.io alias
         "imvotenet": ["numpy>=1.21", "scipy>=1.7", "matplotlib>=3.5", "opencv-python-headless>=4.5",
                       "plyfile>=0.7", "trimesh>=3.9", "tensorboardX>=2.4", "pillow>=8", "tqdm>=4.60"],
+        # mmcv 2.1.0 has no wheels: build it first (pip install "setuptools<81" && pip install
+        # --no-build-isolation mmcv==2.1.0), docs/mmdet3d.md; setuptools<81 keeps pkg_resources for mmengine.
+        "mmdet3d": ["mmdet3d==1.4.0", "mmcv==2.1.0", "mmengine>=0.8.0,<1.0", "mmdet>=3.0.0,<3.3", "numpy<2",
+                    "setuptools<81"],
         "bench": ["torchdeq==0.1.0", "matplotlib>=3.5"],
         # block.bootstrap.pytorch runs from its clone (./apply_patches.sh mutan); these are what it imports.
         # PyYAML 5 on Python <= 3.9 (bootstrap's yaml.load without a Loader; newer: deqfusion.adapters.mutan.run),

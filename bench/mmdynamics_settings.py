@@ -31,7 +31,7 @@ SETTINGS: Dict[str, Tuple[float, Dict[str, Any]]] = {
 
 
 def parse_setting(text: str) -> Tuple[str, Tuple[float, Dict[str, Any]]]:
-    """NAME=jac:W,key=value,... -> (NAME, (W, options))."""
+    """NAME=jac=W,key=value,... -> (NAME, (W, options)); jac defaults to 0.1."""
     from deqfusion.adapters.common.settings import parse_options
 
     name, _, spec = text.partition("=")
@@ -46,8 +46,8 @@ def args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--protocol", default="val", choices=["val", "upstream"])
     p.add_argument("--only", nargs="*", default=None, help="run only these named settings")
-    p.add_argument("--setting", action="append", default=[], metavar="NAME=jac:W,key=value,...",
-                   help="an extra setting, e.g. 'strong-jac=jac:1.0,f_max_iter=12,warm_start=True'")
+    p.add_argument("--setting", action="append", default=[], metavar="NAME=jac=W,key=value,...",
+                   help="an extra setting, e.g. strong-jac=jac=1.0,f_max_iter=12,warm_start=True")
     p.add_argument("--epochs", type=int, default=None, help="stop each run after N epochs (default: the upstream's)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each); 1 for the cleanest timing")
     p.add_argument("--trace", action="store_true", help="also trace the trained maps from zeros (Table 9, step 20)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -321,3 +322,16 @@ def test_points_in_boxes_matches_the_per_point_reference():
             lx, ly = (x - cx) * c - (y - cy) * s, (x - cx) * s + (y - cy) * c
             ref[t, p] = int(-sx / 2 < lx < sx / 2 and -sy / 2 < ly < sy / 2)
     assert (got.numpy() == ref).all() and 0 < ref.sum() < ref.size
+
+
+def test_apply_mmdet3d_prints_the_plugin_instructions_instead_of_refusing(capsys):
+    """`./apply_patches.sh mmdet3d` (pip + plugin route): versions against the pins, the config, the command."""
+    from deqfusion.upstream.cli import main
+    from deqfusion.adapters import mmdet3d as adapter
+
+    code = main(["apply", "mmdet3d"])
+    out = capsys.readouterr().out
+    assert code == (1 if adapter.version_problems() else 0)
+    assert "nothing to clone or patch" in out.splitlines()[0]
+    config = adapter.config_path()
+    assert f"train: python tools/train.py {config}" in out and Path(config).is_file()

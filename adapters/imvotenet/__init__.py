@@ -39,12 +39,15 @@ import json
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, Mapping, MutableMapping, Optional
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Mapping, MutableMapping, Optional
 
 from ..common.settings import FusionSettings, parse_value
+
+if TYPE_CHECKING:  # torch is imported only where a model is built or run (`deqfusion --help` stays fast)
+    import torch
+    from torch import nn
+
+    from .fusion import ImVoteNetFusion
 
 __all__ = [
     "Settings", "configure", "current_settings", "build_fusion", "fused_width", "fuse", "wrap_loss",
@@ -63,7 +66,7 @@ STAT_KEYS = ("deq_jac_loss", "deq_nstep", "deq_abs_residual", "deq_rel_residual"
 # loss_helper.get_loss's per-tower totals (prefixes img_only_, pc_only_, pc_img_)
 TOWER_LOSS_KEYS = ("img_only_loss", "pc_only_loss", "pc_img_loss")
 
-_live: weakref.WeakSet[ImVoteNetFusion] = weakref.WeakSet()
+_live: weakref.WeakSet = weakref.WeakSet()   # the ImVoteNetFusion modules alive (fusion.py adds them)
 
 
 @dataclass(frozen=True)
@@ -91,30 +94,12 @@ current_settings = Settings.current
 ENV_PREFIX = Settings.env_prefix()
 
 
-class ImVoteNetFusion(nn.Module):
-    """DEQFusion of the point-cloud and image-vote seed features, (B, C, 1024) each -> (B, dim, 1024).
+def __getattr__(name: str) -> Any:
+    if name == "ImVoteNetFusion":
+        from .fusion import ImVoteNetFusion
 
-    ``last_stats`` keeps the latest solve's statistics (the adjoint's appear in
-    ``last_stats.backward`` once backward has run), for runners that report convergence.
-    """
-
-    def __init__(self, pc_dim: int, img_dim: int, settings: Settings):
-        super().__init__()
-        from deqfusion import DEQFusion  # here, so the concat baseline needs no core import
-
-        self.settings = settings
-        self.deq = DEQFusion(dim=int(pc_dim), num_modalities=2, in_dims=[int(pc_dim), int(img_dim)],
-                             **settings.fusion_kwargs())
-        self.last_stats = None
-        _live.add(self)
-
-    def forward(self, pc_features: torch.Tensor, img_features: torch.Tensor):
-        out = self.deq([pc_features, img_features])
-        self.last_stats = out.stats
-        return out
-
-    def extra_repr(self) -> str:
-        return self.settings.describe()
+        return ImVoteNetFusion
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def live_fusions():
@@ -133,6 +118,8 @@ def build_fusion(pc_dim: int, img_dim: int, settings: Optional[Settings] = None)
     settings = settings or current_settings()
     if not settings.is_deq:
         return None
+    from .fusion import ImVoteNetFusion
+
     return ImVoteNetFusion(pc_dim, img_dim, settings)
 
 
@@ -141,6 +128,8 @@ def fuse(fusion: Optional[nn.Module], pc_features: torch.Tensor, img_features: t
     """The joint tower's input. Concatenation for ``None``; else DEQ fusion, whose unweighted
     Jacobian term and per-scene solver statistics go into ``end_points`` for ``wrap_loss``."""
     if fusion is None:
+        import torch
+
         return torch.cat((pc_features, img_features), 1)
     out = fusion(pc_features, img_features)
     s = out.stats

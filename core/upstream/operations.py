@@ -67,6 +67,16 @@ def resolve(manifest: Manifest, name: str, dest: Optional[str] = None, patches: 
     return Target(entry, manifest.branch, target_dest, pdir, series)
 
 
+def _pip_plugin(t: Target, say: Say) -> int:
+    """A pip package integrated through its own plugin mechanism: nothing to clone or patch. The
+    adapter says what is installed against its pins, the config and the training command; exit 1
+    when something is off-pin (so an image build that runs apply stops there)."""
+    module = importlib.import_module(t.entry.adapter)
+    for line in module.plugin_instructions():
+        say(line)
+    return 1 if module.version_problems() else 0
+
+
 def _require_clonable(entry: Upstream) -> None:
     if not entry.clonable:
         raise UpstreamError(f"{entry.name} is the pip package {entry.package}, not a clone: "
@@ -377,6 +387,8 @@ def apply(manifest: Manifest, name: str, *, dest: Optional[str] = None, patches:
           source: Optional[str] = None, force: bool = False, allow_planned: bool = False,
           say: Say = print) -> int:
     t = resolve(manifest, name, dest, patches)
+    if t.entry.source == "pip" and t.entry.integration == "plugin" and t.entry.status == "ready":
+        return _pip_plugin(t, say)
     _require_clonable(t.entry)
     _refuse_planned(t, allow_planned, say)
     git_executable()

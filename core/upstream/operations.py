@@ -442,9 +442,14 @@ def apply(manifest: Manifest, name: str, *, dest: Optional[str] = None, patches:
         else:
             three_way = _apply_series(clone, t, missing_ok=bool(missing))
             how = " (with git am --3way)" if three_way else ""
-            done = (f"{name}: applied {_plural(len(t.series), 'patch')}{how} on branch {branch} at {t.entry.short}"
-                    if t.series else f"{name}: checked out the pinned commit {t.entry.short} on branch {branch} "
-                    f"(no patches yet: {t.patches_dir or t.entry.patches} is empty)")
+            if t.series:
+                done = f"{name}: applied {_plural(len(t.series), 'patch')}{how} on branch {branch} at {t.entry.short}"
+            elif t.entry.integration == "plugin":
+                done = (f"{name}: checked out the pinned commit {t.entry.short} on branch {branch} (plugin route: "
+                        f"nothing to patch; {t.entry.adapter} plugs in through the upstream's own options)")
+            else:
+                done = (f"{name}: checked out the pinned commit {t.entry.short} on branch {branch} "
+                        f"(no patches yet: {t.patches_dir or t.entry.patches} is empty)")
         write_record(clone.git_dir, Record(name, pinned, branch, clone.branch_sha(branch) or pinned,
                                            series_fp, three_way, missing))
         result.update(done=done, missing=missing)

@@ -298,9 +298,9 @@ def _boom_interrupt(*_a, **_k):
 def test_writing_the_record_failing_loses_nothing(kind, boom, fake, capsys, monkeypatch, tmp_path):
     sc = _copy(_prepare(fake, capsys, kind), tmp_path / "x", fake)
     before = _state(sc.dest) if sc.dest.exists() else None
-    monkeypatch.setattr(operations, "write_record", boom)
-    code, text = _cli(*sc.argv, manifest=fake.manifest, capsys=capsys)
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:      # undo only this patch, not the fixture's git environment
+        patched.setattr(operations, "write_record", boom)
+        code, text = _cli(*sc.argv, manifest=fake.manifest, capsys=capsys)
     assert code in (1, 130) and ("No space left" in text or "interrupted" in text), text
     _check_nothing_lost(sc, sc.dest, code, text, before, None)
     if kind != "fresh":
@@ -318,10 +318,10 @@ def test_cloning_failing_leaves_nothing_half_made(boom, fake, capsys, monkeypatc
         real(cls, source, where, shared)            # the clone ran, then the disk filled / Ctrl-C came
         boom()
 
-    monkeypatch.setattr(Clone, "clone", classmethod(half_clone))
-    code, text = _cli("apply", "fake", "--source", str(fake.up), "--dest", str(dest), manifest=fake.manifest,
-                      capsys=capsys)
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(Clone, "clone", classmethod(half_clone))
+        code, text = _cli("apply", "fake", "--source", str(fake.up), "--dest", str(dest), manifest=fake.manifest,
+                          capsys=capsys)
     assert code != 0 and "Traceback" not in text
     assert dest.is_dir() and not any(dest.iterdir())
     assert _cli("apply", "fake", "--source", str(fake.up), "--dest", str(dest), manifest=fake.manifest,
@@ -342,9 +342,9 @@ def test_writing_the_series_failing_keeps_the_old_series(step, fake, capsys, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(series.os, "replace", flaky)
-    code, text = _cli(*sc.argv, manifest=fake.manifest, capsys=capsys)
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(series.os, "replace", flaky)
+        code, text = _cli(*sc.argv, manifest=fake.manifest, capsys=capsys)
     if calls["n"] >= step:
         assert code != 0 and "No space left" in text, text
         assert {p.name: p.read_bytes() for p in sc.patches.glob("*.patch")} == old
@@ -387,6 +387,14 @@ def test_force_works_without_a_git_identity(fake, capsys, monkeypatch):
     assert code == 0, text
     assert _cli("restore", "fake", "--dest", str(dest), manifest=m, capsys=capsys)[0] == 0
     assert (dest / "train.py").read_bytes() == b"mine\n"
+    # a series that needs `git am --3way`: the failed plain `git am` must be aborted without an identity too
+    git(dest, "checkout", "-q", "--", "train.py")
+    (dest / "notes.txt").write_bytes(b"untracked, mine\n")
+    code, text = _cli("apply", "fake", "--dest", str(dest), "--patches", str(fake.three), "--force", manifest=m,
+                      capsys=capsys)
+    assert code == 0 and "--3way" in text, text
+    assert not (dest / ".git" / "rebase-apply").exists()
+    assert (dest / "notes.txt").read_bytes() == b"untracked, mine\n"
 
 
 def test_restore_conflict_keeps_the_backup(fake, capsys):

@@ -305,8 +305,12 @@ class Clone:
 
     # -- applying a series -------------------------------------------------------------------------
     def am_abort(self) -> None:
+        """Abort a `git am` this tool started. `--abort` writes a reflog entry, which needs a committer
+        identity (a fresh container has none); `--quit` is the fallback that only drops the state."""
         if (self.git_dir / "rebase-apply").exists():
-            self._try("am", "--abort")
+            self._try("am", "--abort", env=COMMITTER)
+        if (self.git_dir / "rebase-apply").exists():
+            self._try("am", "--quit", env=COMMITTER)
 
     def am(self, series: Sequence[Patch], three_way: bool) -> None:
         """`git am` the series onto HEAD; PatchFailed names the first patch that does not apply."""

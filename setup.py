@@ -33,6 +33,10 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.5"],
         "mmdynamics": ["numpy>=1.21", "scikit-learn>=1.0"],
+        # CM-BERT imports pytorch-pretrained-bert 0.6.1 (BertAdam, tokenizer), matplotlib, sklearn, requests;
+        # transformers builds its 'pre-trained BERT' folder (adapters/cmbert/convert.py). Install after torch.
+        "cmbert": ["numpy>=1.21", "scikit-learn>=1.0", "matplotlib>=3.5", "requests>=2.20",
+                   "pytorch-pretrained-bert==0.6.1", "transformers>=4.30"],
         "bench": ["torchdeq==0.1.0", "matplotlib>=3.5"],
         "test": [
             "pytest>=7",
@@ -43,6 +47,8 @@ setup(
             "numpy>=1.21",
             "scikit-learn>=1.0",
             "torchdeq==0.1.0",
+            "pytorch-pretrained-bert==0.6.1",  # cmbert: the upstream's own loop runs in the main test env
+            "transformers>=4.30",              # cmbert: the BERT conversion test (CPU, tiny random models)
         ],
     },
     entry_points={"console_scripts": ["deqfusion=deqfusion.cli:main"]},

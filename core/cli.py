@@ -15,6 +15,12 @@ from typing import List, Optional
 REPORT = "deqfusion.report"
 log = logging.getLogger("deqfusion.cli")
 
+# Optional dependencies and the extra of setup.py that brings each (a missing one is a one-line error).
+OPTIONAL = {
+    "numpy": "mmdynamics", "sklearn": "mmdynamics", "matplotlib": "plot", "torchdeq": "bench",
+    "h5py": "multibench", "transformers": "cmbert", "mmdet3d": "mmdet3d", "mmcv": "mmdet3d", "mmengine": "mmdet3d",
+}
+
 # (module, what it adds) -- order is the order in --help.
 COMMANDS = [
     "deqfusion.demo",            # demo / convergence: the paper's Table 9 and Fig. 3 on generated data
@@ -54,6 +60,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted")
         return 130
+    except ModuleNotFoundError as err:
+        top = (err.name or "").split(".")[0]
+        if top not in OPTIONAL:
+            raise
+        given = list(sys.argv[1:] if argv is None else argv)
+        words = [w for w in given[given.index(args.command):][:2] if not w.startswith("-")] if args.command in given \
+            else [args.command]
+        what = " ".join(words)
+        log.error("deqfusion %s needs the package %r, which is not installed: pip install 'deqfusion[%s]'",
+                  what, top, OPTIONAL[top])
+        return 2
 
 
 def _report_to(stream) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .solvers import SOLVERS, STOP_MODES
 
-__all__ = ["FusionConfig", "ABLATIONS", "ConfigError", "MODES", "option_names", "unknown_option_message"]
+__all__ = ["FusionConfig", "ABLATIONS", "ConfigError", "MODES", "BACKWARDS", "option_names", "unknown_option_message"]
 
 
 class ConfigError(ValueError):
@@ -20,6 +20,7 @@ class ConfigError(ValueError):
 
 
 MODES = ("deq", "unrolled")
+BACKWARDS = ("implicit", "phantom")
 
 # The rows of the paper's Tables 6 and 7: name -> (modality blocks f_theta, fused block f_fuse, gate, solve)
 # solve: "deq" = fixed point (or unrolled if mode="unrolled"), "single" = one pass from zeros, "none" = no f.
@@ -39,7 +40,8 @@ ALIASES = {
     "num_layers": "unroll_steps", "deq": "mode", "f_anderson_m": "anderson_m", "m": "anderson_m",
     "lam": "anderson_lam", "beta": "anderson_beta", "jacobian_weight": "(none: weight jac_loss yourself)",
     "jac_loss_weight": "(none: weight jac_loss yourself)", "jac_loss_freq": "jac_freq", "vecs": "jac_probes",
-    "num_groups_norm": "num_groups", "ift": "mode", "n_states": "(none)",
+    "num_groups_norm": "num_groups", "ift": "backward", "n_states": "(none)",
+    "grad": "phantom_steps", "tau": "phantom_tau", "pretrain_iters": "pretrain_steps",
 }
 
 
@@ -90,6 +92,20 @@ class FusionConfig:
     jac_reg: bool = True
     jac_probes: int = 2
     jac_freq: float = 1.0
+    # backward: "implicit" (IFT, the paper's Eqs. 17-18) or "phantom" (torchdeq's phantom gradient:
+    # backprop through phantom_steps damped steps z <- (1 - tau) z + tau f(z) from z*; 1 step with
+    # tau 1 is Jacobian-free backprop). Not the same gradient: phantom is an approximation of IFT's.
+    backward: str = "implicit"
+    phantom_steps: int = 1
+    phantom_tau: float = 1.0
+    # warm starts from a per-sample store keyed by the caller's `sample_ids` (see warm_start.py)
+    warm_start: bool = False
+    warm_store_size: int = 65536
+    warm_max_age: int = 0
+    # warm-up: the first pretrain_steps training calls run pretrain_unroll weight-tied steps
+    # (backprop through them) instead of the DEQ solve, as locuslab/deq's pretraining does
+    pretrain_steps: int = 0
+    pretrain_unroll: int = 3
 
     @classmethod
     def from_kwargs(cls, dim: int, num_modalities: int, **options: Any) -> FusionConfig:
@@ -174,6 +190,14 @@ class FusionConfig:
         need(self.check_every >= 0, "check_every must be >= 0 (0 = never exit early: a fixed number of steps)")
         need(self.divergence_factor > 1, "divergence_factor must be > 1")
         need(self.jac_probes >= 1, "jac_probes must be >= 1")
+        need(self.backward in BACKWARDS, f"backward must be one of {BACKWARDS}, got {self.backward!r} "
+             "('implicit' = IFT, 'phantom' = phantom gradient)")
+        need(isinstance(self.phantom_steps, int) and self.phantom_steps >= 1, "phantom_steps must be an int >= 1")
+        need(0.0 < self.phantom_tau <= 1.0, f"phantom_tau (damping) must be in (0, 1], got {self.phantom_tau}")
+        need(self.warm_store_size >= 1, "warm_store_size must be >= 1")
+        need(self.warm_max_age >= 0, "warm_max_age must be >= 0 (0 = no limit)")
+        need(self.pretrain_steps >= 0, "pretrain_steps must be >= 0")
+        need(self.pretrain_unroll >= 1, "pretrain_unroll must be >= 1")
         need(0.0 <= self.jac_freq <= 1.0, f"jac_freq is a probability per training step, in [0, 1]; got {self.jac_freq}")
 
 

@@ -13,6 +13,7 @@ from .blocks import ChannelLinear, FusionBlock, ModalityBlock
 from .config import FusionConfig
 from .jacobian import jacobian_frobenius
 from .solvers import ConvergenceTracker, SolverStats, Status, solve
+from .warm_start import FixedPointStore, Start, choose_start, first_call_returns
 
 __all__ = ["DEQFusion", "FusionOutput"]
 
@@ -62,12 +63,28 @@ def _attach_implicit_grad(f, z_star: torch.Tensor, cfg: FusionConfig, stats: Sol
     Kept out of torch.compile graphs: the Jacobian term needs double backward, which compiled
     (aot_autograd) graphs do not support, and the adjoint solve re-enters autograd.
     """
+    if cfg.backward == "phantom":
+        return _phantom_grad(f, z_star, cfg, with_jac)
     z_star = z_star.detach().requires_grad_()
     fz = f(z_star)
     jac = jacobian_frobenius(fz, z_star, probes=cfg.jac_probes) if with_jac else None
     fz = implicit_backward(fz, z_star, solver=cfg.b_solver, solver_kwargs=cfg.solver_kwargs("b"),
                            sink=lambda s: setattr(stats, "backward", s), restrict=restrict)
     return fz, jac
+
+
+def _phantom_grad(f, z_star: torch.Tensor, cfg: FusionConfig, with_jac: bool):
+    """Phantom gradient (torchdeq's `grad`/`tau`): `phantom_steps` damped steps
+    z <- (1 - tau) z + tau f(z) from z*, differentiated by plain autograd through those steps only.
+    One step with tau = 1 is Jacobian-free backprop; the value is f(z*) then, as with IFT."""
+    z0 = z_star.detach().requires_grad_(with_jac)
+    fz = f(z0)
+    jac = jacobian_frobenius(fz, z0, probes=cfg.jac_probes) if with_jac else None
+    tau = cfg.phantom_tau
+    z = fz if tau == 1.0 else (1 - tau) * z0 + tau * fz
+    for _ in range(cfg.phantom_steps - 1):
+        z = f(z) if tau == 1.0 else (1 - tau) * z + tau * f(z)
+    return z, jac
 
 
 class DEQFusion(nn.Module):
@@ -98,9 +115,26 @@ class DEQFusion(nn.Module):
             if solving and cfg.use_modality_blocks else None
         )
         self.fusion_block = FusionBlock(dim, cfg.num_groups, gate=cfg.use_gate) if solving and cfg.use_fusion_block else None
+        # per-sample fixed points for warm starts (not a buffer: never saved, moved or shared)
+        self.warm_store = (FixedPointStore(cfg.warm_store_size, cfg.warm_max_age)
+                           if cfg.warm_start and cfg.solve_kind == "deq" else None)
+        if cfg.pretrain_steps > 0:  # counts training calls; a buffer, so DDP keeps ranks in step
+            self.register_buffer("pretrain_calls", torch.zeros((), dtype=torch.long))
 
     # ------------------------------------------------------------------ public
-    def forward(self, features: Sequence[torch.Tensor]) -> FusionOutput:
+    def forward(self, features: Sequence[torch.Tensor], *more: Any, z_init: Optional[torch.Tensor] = None,
+                sample_ids: Any = None) -> FusionOutput:
+        """Fuse `features`, a list of one (B, C_i, *spatial) tensor per modality.
+
+        `z_init` (B, D): a state to start the solve from per sample, e.g. an earlier solve's
+        `stats.state` for the same samples (a sample falls back to zeros where it is non-finite or no
+        better than zeros; `stats.start` says which). `sample_ids` (B ints): with `warm_start=True`,
+        the layer's own store supplies and keeps those states.
+        """
+        if more:
+            raise TypeError(f"DEQFusion takes one list of {self.config.num_modalities} tensors: "
+                            f"fusion([{', '.join(f'x_{i + 1}' for i in range(self.config.num_modalities))}]), "
+                            f"not {1 + len(more)} separate arguments")
         xs = self._check_inputs(features)
         xs = [proj(x) for proj, x in zip(self.projections, xs)]
         x_fuse = self._weighted_sum(xs) if self.modality_weights is not None else None
@@ -111,8 +145,30 @@ class DEQFusion(nn.Module):
             return FusionOutput(x_fuse, zero, SolverStats.empty(batch, device))
         masks = self._dropout_masks(xs)
         if kind == "unrolled":
-            return self._unrolled(xs, x_fuse, masks, zero)
-        return self._deq(xs, x_fuse, masks, zero)
+            return self._unrolled(xs, x_fuse, masks, zero, self.config.unroll_steps)
+        if self._pretraining():
+            return self._unrolled(xs, x_fuse, masks, zero, self.config.pretrain_unroll)
+        return self._deq(xs, x_fuse, masks, zero, z_init, sample_ids)
+
+    def _pretraining(self) -> bool:
+        """True during the first `pretrain_steps` training calls (each such call counts one)."""
+        if self.config.pretrain_steps <= 0 or not (self.training and torch.is_grad_enabled()):
+            return False
+        calls = int(self.pretrain_calls)
+        if calls >= self.config.pretrain_steps:
+            return False
+        self.pretrain_calls.add_(1)
+        return True
+
+    def fixed_point_map(self, features: Sequence[torch.Tensor]):
+        """(f, readout) for these inputs: the map f of the solve on the flat (B, D) state that
+        `stats.state`, `z_init` and the solvers use (no dropout), and readout(state) -> the fused
+        output (B, dim, *spatial) of a state. For analysis (residuals, Jacobians) and tests."""
+        xs = [proj(x) for proj, x in zip(self.projections, self._check_inputs(features))]
+        x_fuse = self._weighted_sum(xs) if self.modality_weights is not None else None
+        f, _ = self._problem(xs, x_fuse, [None] * (self.config.num_modalities + 1))
+        _, unpack = self._packers(xs[0])
+        return f, lambda state: self._fused(unpack(state))
 
     # ------------------------------------------------------------------ the map
     def _num_states(self) -> int:
@@ -185,7 +241,7 @@ class DEQFusion(nn.Module):
 
         return make(xs, x_fuse, masks), restrict
 
-    def _deq(self, xs, x_fuse, masks, zero) -> FusionOutput:
+    def _deq(self, xs, x_fuse, masks, zero, z_init=None, sample_ids=None) -> FusionOutput:
         cfg = self.config
         _, unpack = self._packers(xs[0])
         f, restrict = self._problem(xs, x_fuse, masks)
@@ -195,10 +251,16 @@ class DEQFusion(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             any(p.requires_grad for p in self.parameters()) or any(x.requires_grad for x in xs))
         with torch.no_grad():
+            z0, f_first, start = self._warm_start(f, restrict, z0, z_init, sample_ids)
             # f(z*) comes from the solver's bookkeeping when no graph is needed (saves an
             # evaluation of f); with grad it is recomputed with the graph anyway
-            z_star, fz_star, stats = solve(cfg.f_solver, f, z0, restrict=restrict, keep_fz=not needs_grad,
+            z_star, fz_star, stats = solve(cfg.f_solver, f_first, z0, restrict=restrict, keep_fz=not needs_grad,
                                            **cfg.solver_kwargs("f"))
+            stats.start = start
+            stats.state = z_star
+            if self.warm_store is not None and sample_ids is not None:
+                kept = (stats.status == int(Status.CONVERGED)) | (stats.status == int(Status.MAX_ITER))
+                self.warm_store.put(sample_ids, z_star, kept)
         jac_loss = zero
         if needs_grad:
             with_jac = self.training and cfg.jac_reg and (cfg.jac_freq >= 1.0 or random.random() < cfg.jac_freq)
@@ -210,16 +272,44 @@ class DEQFusion(nn.Module):
             log.debug("DEQFusion forward: %s", stats.summary())
         return FusionOutput(self._fused(unpack(fz)), jac_loss, stats)
 
-    def _unrolled(self, xs, x_fuse, masks, zero) -> FusionOutput:
-        """Weight-tied network: unroll_steps applications of the map from zeros, backprop through all."""
+    def _warm_start(self, f, restrict, z0: torch.Tensor, z_init, sample_ids):
+        """(start state, f for the solver, per-sample Start codes): zeros, or the given / stored states
+        where they are usable (see warm_start.choose_start)."""
+        batch = z0.shape[0]
+        cold = torch.full((batch,), int(Start.COLD), dtype=torch.long, device=z0.device)
+        store = self.warm_store
+        if sample_ids is not None and store is None:
+            raise ValueError("sample_ids were passed but this DEQFusion keeps no warm-start store: build it with "
+                             "warm_start=True (or pass z_init yourself)")
+        if z_init is None and sample_ids is None:
+            return z0, f, cold
+        if z_init is not None:
+            if not isinstance(z_init, torch.Tensor) or tuple(z_init.shape) != tuple(z0.shape):
+                got = tuple(z_init.shape) if isinstance(z_init, torch.Tensor) else type(z_init).__name__
+                raise ValueError(f"z_init must be a ({batch}, {z0.shape[1]}) tensor (an earlier solve's "
+                                 f"stats.state for the same samples), got {got}")
+            given = torch.ones(batch, dtype=torch.bool, device=z0.device)
+            cand, usable = z_init.detach().to(device=z0.device, dtype=z0.dtype), given
+        else:
+            if self.training and torch.is_grad_enabled():
+                store.clock += 1
+            cand, given, age = store.lookup(sample_ids, z0)
+            usable = given & ((age <= store.max_age) if store.max_age > 0 else given)
+        if not bool(given.any()):
+            return z0, f, cold
+        z0, fz0, start = choose_start(f, restrict, given, cand, usable)
+        return z0, first_call_returns(f, fz0), start
+
+    def _unrolled(self, xs, x_fuse, masks, zero, steps: int) -> FusionOutput:
+        """Weight-tied network: `steps` applications of the map from zeros, backprop through all."""
         cfg = self.config
         pack, _ = self._packers(xs[0])
         dtype = self._state_dtype(xs[0])
         states = [torch.zeros_like(xs[0], dtype=dtype) for _ in range(self._num_states())]
         # tol -1: no sample "stops" -- every step is traced (Fig. 3); the status is judged at the end
-        tracker = ConvergenceTracker(pack(states), max_iter=cfg.unroll_steps, tol=-1.0, stop_mode=cfg.f_stop_mode,
+        tracker = ConvergenceTracker(pack(states), max_iter=steps, tol=-1.0, stop_mode=cfg.f_stop_mode,
                                      divergence_factor=float("inf"), keep_fz=False)
-        for _ in range(cfg.unroll_steps):
+        for _ in range(steps):
             new = self._step(states, xs, x_fuse, masks)
             with torch.no_grad():
                 tracker.update(pack(states).detach(), pack(new).detach())

@@ -17,6 +17,17 @@ from typing import List
 ADAPTERS = "deqfusion.adapters"
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help once: not where the help already names its default,
+    and not for flags or options whose default is None (their help says what happens instead)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, True, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def upstreams_with_reproduce() -> List[str]:
     """Names of the adapter packages that ship a ``reproduce`` module, sorted."""
     here = Path(__file__).resolve().parents[1]

@@ -30,13 +30,17 @@ Jacobian weight 20.  The DEQ fusion outputs ``hidden`` features, so the classifi
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Union
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from ..common.settings import FusionSettings, parse_value
+
+if TYPE_CHECKING:  # torch is imported only where a model is built or run (`deqfusion --help` stays fast)
+    import torch
+    from torch import nn
+
+    from .fusion import MMDynamicsFusion
 
 __all__ = [
     "Settings", "configure", "current_settings", "build_fusion", "fused_width", "fuse",
@@ -68,31 +72,10 @@ current_settings = Settings.current
 ENV_PREFIX = Settings.env_prefix()
 
 
-class MMDynamicsFusion(nn.Module):
-    """DEQFusion over MM-Dynamics' confidence-weighted view features, returning the weighted Jacobian term.
-
-    ``last_stats`` holds the solver statistics of the latest forward (detached), so that a runner
-    can report convergence without touching the upstream loop.
-    """
-
-    def __init__(self, num_views: int, hidden: int, settings: Settings):
-        super().__init__()
-        from deqfusion import DEQFusion  # imported here so the concat baseline needs no core
-
-        self.settings = settings
-        self.jac_weight = float(settings.jac_weight)
-        self.deq = DEQFusion(dim=int(hidden), num_modalities=int(num_views), **settings.fusion_kwargs())
-        self.last_stats = None
-        self.last_jac_loss: Optional[float] = None
-
-    def forward(self, features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        out = self.deq(list(features))
-        self.last_stats = out.stats
-        self.last_jac_loss = float(out.jac_loss.detach()) if self.training else None
-        return out.fused, self.jac_weight * out.jac_loss
-
-    def extra_repr(self) -> str:
-        return self.settings.describe()
+def __getattr__(name: str) -> Any:
+    if name == "MMDynamicsFusion":
+        return importlib.import_module(".fusion", __name__).MMDynamicsFusion
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_fusion(num_views: int, hidden: int, settings: Optional[Settings] = None) -> Optional[MMDynamicsFusion]:
@@ -100,6 +83,8 @@ def build_fusion(num_views: int, hidden: int, settings: Optional[Settings] = Non
     settings = settings or current_settings()
     if not settings.is_deq:
         return None
+    from .fusion import MMDynamicsFusion
+
     return MMDynamicsFusion(num_views, hidden, settings)
 
 
@@ -111,6 +96,8 @@ def fused_width(fusion: Optional[nn.Module], num_views: int, hidden: int) -> int
 def fuse(fusion: Optional[nn.Module], features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Union[torch.Tensor, float]]:
     """(fused features, loss term to add to MMLoss). Concatenation adds exactly 0.0."""
     if fusion is None:
+        import torch
+
         return torch.cat(list(features), dim=1), 0.0
     return fusion(features)
 

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import mmdynamics as adapter
 from ..common import report
+from ..common.reproduce import HelpFormatter
 from . import data as mogonet_data
 
 # The paper's Table 1 (BRCA, mean over 10 runs; Acc / weighted F1 / macro F1, in %).
@@ -123,7 +124,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "mmdynamics", help="MM-Dynamics on MOGONET's BRCA / ROSMAP (paper Table 1, Tables 6/7, Fig. 3, Table 9)",
         description="Runs MM-Dynamics' own train_test.train() (pinned 7f04084, patched) for the concatenation "
                     "baseline and DEQ fusion on the same seeds; see docs/mmdynamics.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     m.add_argument("--dataset", type=str.lower, choices=["rosmap", "brca"], default="brca")
     m.add_argument("--seeds", type=int, default=10, help="number of seeds (0..N-1)")
     m.add_argument("--seed-list", type=lambda s: [int(x) for x in s.split(",") if x.strip()], default=None,
@@ -251,7 +252,8 @@ def write_csv(path: Path, summary: Dict[str, Dict[str, Any]], rows: List[Row], c
 
 
 def convergence_report(curves: Dict[str, Any], out: Path, trace_steps: int) -> str:
-    """Plot mean relative residual per step (95% band) and return the Table 9 markdown."""
+    """Plot the mean relative residual per step with the 95% confidence band of the mean (±1.96 s/√n over
+    the test samples; said in the figure) and return the Table 9 markdown."""
     import numpy as np
 
     lines = [f"### Table 9-style relative residuals ‖f(z)−z‖/‖f(z)‖ (test set, mean over samples, seed {curves['seed']})", ""]
@@ -286,7 +288,9 @@ def convergence_report(curves: Dict[str, Any], out: Path, trace_steps: int) -> s
     ax.set_yscale("log")
     ax.set_xlabel("solver step")
     ax.set_ylabel("relative residual ‖f(z)−z‖ / ‖f(z)‖")
-    ax.set_title(f"{curves['dataset']}: convergence of the fusion (test set, seed {curves['seed']})")
+    ax.set_title(f"{curves['dataset']}: convergence of the fusion (test set, seed {curves['seed']})\n"
+                 "line: mean over the test samples; shaded: 95% confidence band of that mean (±1.96 s/√n)",
+                 fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -472,5 +476,7 @@ def run_mmdynamics(args: argparse.Namespace) -> int:
     write_csv(out / "table.csv", summary, rows, cols)
     save(dict(extra, finished=_dt.datetime.now().isoformat(timespec="seconds"), total_wall_s=wall))
     print(text)
-    print(f"written: {out}/table.md, table.csv, results.json" + (", convergence.png" if "convergence" in extra else ""))
+    written = ["table.md", "table.csv", "results.json"] + [n for n in ("convergence.csv", "convergence.png")
+                                                           if "convergence" in extra and (out / n).is_file()]
+    print(f"written: {out}/" + ", ".join(written))
     return 0

@@ -49,6 +49,8 @@ class SolverStats:
     tol: float = 0.0
     num_evals: int = 0           # evaluations of f made for the whole batch
     backward: Optional[SolverStats] = None  # the adjoint solve's stats, filled in when backward runs
+    start: Optional[torch.Tensor] = None    # (B,) warm_start.Start codes: cold, warm or rejected (layer solves)
+    state: Optional[torch.Tensor] = None    # (B, D) the returned iterate, detached: a z_init for the next solve
 
     @property
     def converged(self) -> torch.Tensor:
@@ -59,11 +61,19 @@ class SolverStats:
         return {s.name.lower(): int((self.status == s).sum()) for s in Status}
 
     def summary(self) -> str:
-        parts = [f"{k}={v}" for k, v in self.counts().items() if v]
+        """One line, e.g. 'anderson: 60 converged, 4 at the step cap; steps max 55, worst rel residual ...'."""
+        words = {"converged": "converged", "max_iter": "at the step cap", "diverged": "diverged",
+                 "non_finite": "non-finite"}
+        parts = [f"{v} {words.get(k, k)}" for k, v in self.counts().items() if v]
         res = self.abs_lowest if self.stop_mode == "abs" else self.rel_lowest
         worst = float(res.max()) if res.numel() else float("nan")
+        starts = ""
+        if self.start is not None and bool((self.start != 0).any()):
+            names = ("cold", "warm", "rejected")  # warm_start.Start
+            starts = "; starts " + ", ".join(f"{int((self.start == i).sum())} {n}" for i, n in enumerate(names)
+                                             if bool((self.start == i).any()))
         return (f"{self.solver}: {', '.join(parts) or 'empty'}; steps max {int(self.nstep.max()) if self.nstep.numel() else 0}, "
-                f"worst {self.stop_mode} residual {worst:.3g} (tol {self.tol:g})")
+                f"worst {self.stop_mode} residual {worst:.3g} (tol {self.tol:g}){starts}")
 
     @staticmethod
     def empty(batch: int, device: torch.device, solver: str = "none") -> SolverStats:

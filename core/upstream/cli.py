@@ -17,7 +17,7 @@ from .errors import UpstreamError
 from .manifest import MANIFEST_ENV, load_manifest
 from .sources import MIRROR_ENV
 
-COMMANDS = ("list", "status", "apply", "check", "revert", "refresh")
+COMMANDS = ("list", "status", "apply", "check", "revert", "restore", "refresh")
 PROG_ENV = "DEQFUSION_PROG"  # apply_patches.sh sets it so messages name the wrapper
 
 EPILOG = f"""\
@@ -25,11 +25,13 @@ environment:
   {MIRROR_ENV}   a clone/snapshot of the upstream, or a folder of them named <name> or
                      <owner>+<repo>; clones come from there instead of the network
   {MANIFEST_ENV}  another upstreams.toml (tests use a fake upstream)
+  DEQFUSION_CLONES    a folder for the clones (<name>/ in it) instead of the checkout's third_party/
 
 typical use:
-  ./apply_patches.sh list                  the upstreams, their pins, licenses and series
-  ./apply_patches.sh imvotenet             clone, check out the pin on branch deqfusion, apply
-  cd third_party/imvotenet && <the upstream's own training command, printed by apply>
+  ./apply_patches.sh list                  the upstreams, their status, pins, licenses and series
+  ./apply_patches.sh mmdynamics            clone, check out the pin on branch deqfusion, apply
+  cd third_party/mmdynamics && <the upstream's own training command, printed by apply>
+  ./apply_patches.sh restore mmdynamics    re-apply local edits that --force saved
 """
 
 
@@ -64,7 +66,7 @@ def _handler(prog: str, run: Callable[[argparse.Namespace], int]) -> Callable[[a
 
 
 def add_commands(sub, prog: str) -> None:
-    """Add the six commands to an argparse subparsers object."""
+    """Add the commands of COMMANDS to an argparse subparsers object."""
     def add(name: str, help_: str, run: Callable[[argparse.Namespace], int], description: str = ""):
         p = sub.add_parser(name, help=help_, description=description or help_, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,18 +86,21 @@ def add_commands(sub, prog: str) -> None:
     p = add("apply", "clone (or reuse) the upstream, check out its pinned commit on branch deqfusion, "
                      "apply the patch series, print the training command",
             lambda a: operations.apply(load_manifest(a.manifest), a.name, dest=a.dest, patches=a.patches,
-                                       source=a.source, force=a.force),
+                                       source=a.source, force=a.force, allow_planned=a.allow_planned),
             description="Clone the upstream (from --source, $DEQFUSION_MIRROR or its URL), check out the "
                         "pinned commit on branch deqfusion and apply patches/<name>/ with git am (then git am "
-                        "--3way). Applying twice changes nothing. Local edits are never overwritten; a series "
-                        "that fails leaves the clone as it was.")
+                        "--3way). Applying twice changes nothing (local edits on an applied clone stay as they "
+                        "are). Local edits are never overwritten: without --force apply refuses, with --force "
+                        "it saves them first (verified) and says where. Any failure leaves the clone as it was.")
     p.add_argument("name", help="the upstream (see `list`)")
     _dest(p)
     _patches(p)
     _source(p)
     p.add_argument("--force", action="store_true",
-                   help="stash local edits (kept in `git stash list`) and keep unsaved branch commits "
-                        "as deqfusion-backup-N, then apply")
+                   help="save local edits first (verified, in refs/deqfusion/backups/N and `git stash list`) and "
+                        "keep unsaved branch commits as deqfusion-backup-N, then apply")
+    p.add_argument("--allow-planned", action="store_true",
+                   help="check out an upstream whose integration is still planned (not ready) anyway")
 
     p = add("check", "would the series apply? tried in a temporary clone; the real one is untouched",
             lambda a: operations.check(load_manifest(a.manifest), a.name, dest=a.dest, patches=a.patches,
@@ -109,7 +114,17 @@ def add_commands(sub, prog: str) -> None:
             lambda a: operations.revert(load_manifest(a.manifest), a.name, dest=a.dest, force=a.force))
     p.add_argument("name", help="the upstream (see `list`)")
     _dest(p)
-    p.add_argument("--force", action="store_true", help="stash local edits (kept in `git stash list`) first")
+    p.add_argument("--force", action="store_true",
+                   help="save local edits first (verified, in refs/deqfusion/backups/N and `git stash list`)")
+
+    p = add("restore", "re-apply local edits that apply/revert --force saved (refs/deqfusion/backups/N)",
+            lambda a: operations.restore(load_manifest(a.manifest), a.name, dest=a.dest, number=a.backup),
+            description="`apply --force` and `revert --force` save a clone's local edits (verified) before they "
+                        "change it; restore puts the newest (or --backup N) back onto the work tree: exactly when "
+                        "HEAD is the commit they were made on, else as a 3-way patch.")
+    p.add_argument("name", help="the upstream (see `list`)")
+    _dest(p)
+    p.add_argument("--backup", type=int, metavar="N", help="which backup (default: the newest)")
 
     p = add("refresh", "regenerate patches/<name>/ from the commits on branch deqfusion (git format-patch -U1)",
             lambda a: operations.refresh(load_manifest(a.manifest), a.name, dest=a.dest, patches=a.patches,
@@ -124,7 +139,7 @@ def add_commands(sub, prog: str) -> None:
 
 
 def register(subparsers) -> None:
-    """Hook for deqfusion.cli: adds list/status/apply/check/revert/refresh to `deqfusion`, and the same
+    """Hook for deqfusion.cli: adds the COMMANDS to `deqfusion`, and the same
     commands grouped as `deqfusion upstream <command>`."""
     add_commands(subparsers, "deqfusion")
     group = subparsers.add_parser("upstream", help="the same commands, grouped: deqfusion upstream apply NAME",

@@ -10,6 +10,7 @@ from __future__ import annotations
 EXIT_FAILED = 1      # the operation was refused or failed (patch does not apply, local edits, ...)
 EXIT_USAGE = 2       # unknown upstream, bad option value, bad manifest
 EXIT_ENVIRONMENT = 3  # git or GitPython missing, source unreachable
+EXIT_INTERRUPTED = 130  # Ctrl-C (after the clone was put back)
 
 
 class UpstreamError(Exception):

@@ -10,11 +10,10 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import EXIT_ENVIRONMENT, EXIT_USAGE, UpstreamError
 from .series import Patch
@@ -140,38 +139,54 @@ class Clone:
         return cls(repo)
 
     # -- running git ---------------------------------------------------------------------------
+    def _execute(self, args: Sequence[str], env: Optional[Dict[str, str]] = None, **kwargs) -> str:
+        """Every git command on this clone runs here: one seam (the fault-injection tests use it).
+        Raises GitPython's GitCommandError when git fails."""
+        return self.repo.git.execute([self.exe, *args], env=env, **kwargs)
+
     def git(self, *args: str, env: Optional[Dict[str, str]] = None, **kwargs) -> str:
         git = gitpython()
         try:
-            return self.repo.git.execute([self.exe, *args], env=env, **kwargs)
+            return self._execute(args, env=env, **kwargs)
         except git.GitCommandError as err:
             raise UpstreamError(f"git {args[0]} failed in {self.path}: {git_message(err)}") from None
 
-    def _try(self, *args: str) -> Optional[str]:
-        """Run git; None where it fails (a query whose failure means "no")."""
+    def _query(self, *args: str) -> Optional[str]:
+        """A yes/no query: its output, None where git answers "no" (exit status 1); any other failure
+        (a lock, a corrupt object store, a crash) is an error, never read as "no"."""
         git = gitpython()
         try:
-            return self.repo.git.execute([self.exe, *args])
+            return self._execute(args)
+        except git.GitCommandError as err:
+            if err.status == 1:
+                return None
+            raise UpstreamError(f"git {args[0]} failed in {self.path}: {git_message(err)}") from None
+
+    def _try(self, *args: str) -> Optional[str]:
+        """Run git; None where it fails (a best-effort step whose failure changes nothing)."""
+        git = gitpython()
+        try:
+            return self._execute(args)
         except git.GitCommandError:
             return None
 
     # -- state ---------------------------------------------------------------------------------
     def head_branch(self) -> Optional[str]:
         """The checked-out branch, None when HEAD is detached."""
-        ref = self._try("symbolic-ref", "-q", "HEAD")
+        ref = self._query("symbolic-ref", "-q", "HEAD")
         return ref[len("refs/heads/"):] if ref and ref.startswith("refs/heads/") else None
 
     def head_sha(self) -> Optional[str]:
-        return self._try("rev-parse", "--verify", "-q", "HEAD^{commit}")
+        return self._query("rev-parse", "--verify", "-q", "HEAD^{commit}")
 
     def branch_sha(self, branch: str) -> Optional[str]:
-        return self._try("rev-parse", "--verify", "-q", f"refs/heads/{branch}^{{commit}}")
+        return self._query("rev-parse", "--verify", "-q", f"refs/heads/{branch}^{{commit}}")
 
     def has_commit(self, sha: str) -> bool:
-        return self._try("cat-file", "-e", f"{sha}^{{commit}}") is not None
+        return self._query("rev-parse", "--verify", "-q", f"{sha}^{{commit}}") is not None
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
-        return self._try("merge-base", "--is-ancestor", ancestor, descendant) is not None
+        return self._query("merge-base", "--is-ancestor", ancestor, descendant) is not None
 
     def commits_between(self, base: str, tip: str, merges: bool = False) -> List[str]:
         out = self.git("rev-list", "--reverse", *(["--merges"] if merges else []), f"{base}..{tip}")
@@ -188,10 +203,6 @@ class Clone:
                 return what
         return None
 
-    def stash_count(self) -> int:
-        out = self._try("stash", "list")
-        return len(out.splitlines()) if out else 0
-
     # -- incomplete sources ----------------------------------------------------------------------
     def missing_blobs(self, commit: str) -> List[str]:
         """Paths at `commit` whose content is not in the object store (a snapshot that left large
@@ -207,12 +218,11 @@ class Clone:
                 entries.append((parts[2], path))
         if not entries:
             return []
-        proc = subprocess.run(
-            [self.exe, "cat-file", "--batch-check"],
-            cwd=str(self.path), input="\n".join(sha for sha, _ in entries) + "\n",
-            capture_output=True, text=True, check=False,
-        )
-        missing = {line.split()[0] for line in proc.stdout.splitlines() if line.endswith(" missing")}
+        with tempfile.TemporaryFile() as shas:
+            shas.write(("\n".join(sha for sha, _ in entries) + "\n").encode())
+            shas.seek(0)
+            out = self.git("cat-file", "--batch-check", istream=shas)
+        missing = {line.split()[0] for line in out.splitlines() if line.endswith(" missing")}
         return [path for sha, path in entries if sha in missing]
 
     def exclude_from_checkout(self, paths: Sequence[str]) -> bool:
@@ -227,6 +237,34 @@ class Clone:
         self.git("config", "core.sparseCheckout", "true")
         self.git("config", "core.sparseCheckoutCone", "false")
         return True
+
+    def config_value(self, key: str) -> Optional[str]:
+        """The clone's own (local) git config value of `key`, None where unset."""
+        return self._query("config", "--local", "--get", key)
+
+    SPARSE_KEYS = ("core.sparseCheckout", "core.sparseCheckoutCone")
+
+    def sparse_state(self) -> Tuple[Optional[bytes], Tuple[Optional[str], ...]]:
+        """The sparse-checkout file and the config keys `exclude_from_checkout` sets."""
+        sparse = self.git_dir / "info" / "sparse-checkout"
+        return (sparse.read_bytes() if sparse.is_file() else None,
+                tuple(self.config_value(k) for k in self.SPARSE_KEYS))
+
+    def restore_sparse(self, state: Tuple[Optional[bytes], Tuple[Optional[str], ...]]) -> None:
+        """Put what `sparse_state` saw back (after a failure)."""
+        content, values = state
+        sparse = self.git_dir / "info" / "sparse-checkout"
+        if (sparse.read_bytes() if sparse.is_file() else None) != content:
+            if content is None:
+                sparse.unlink()
+            else:
+                sparse.write_bytes(content)
+        for key, value in zip(self.SPARSE_KEYS, values):
+            if self.config_value(key) != value:
+                if value is None:
+                    self.git("config", "--local", "--unset", key)
+                else:
+                    self.git("config", "--local", key, value)
 
     def excluded_paths(self) -> List[str]:
         """Paths this tool left out of the checkout (see `exclude_from_checkout`)."""
@@ -259,13 +297,6 @@ class Clone:
         else:
             self.git("branch", "-q", "-f", branch, sha)
 
-    def stash_push(self, message: str) -> str:
-        self.git("stash", "push", "-q", "-m", message)
-        return self.git("rev-parse", "stash@{0}")
-
-    def stash_pop(self) -> None:
-        self.git("stash", "pop", "-q", "--index")
-
     def fetch_commit(self, source: Source, sha: str) -> bool:
         """Fetch `sha` (or, if the source refuses single commits, all its branches and tags)."""
         if self._try("fetch", "-q", source.location, sha) is None:
@@ -283,7 +314,7 @@ class Clone:
         args = ["am", "-q", "--keep-cr", "--committer-date-is-author-date", "--whitespace=nowarn",
                 "--3way" if three_way else "--no-3way", *(str(p.path) for p in series)]
         try:
-            self.repo.git.execute([self.exe, *args], env=COMMITTER)
+            self._execute(args, env=COMMITTER)
         except git.GitCommandError as err:
             text = f"{err.stdout}\n{err.stderr}"
             match = re.search(r"Patch failed at (\d+)", text)
@@ -302,8 +333,8 @@ class Clone:
                     info = self.git("mailinfo", str(msg), str(diff), istream=mail)
                 fields = dict(line.split(": ", 1) for line in info.splitlines() if ": " in line)
                 try:
-                    self.repo.git.execute([self.exe, "apply", "--index", "--whitespace=nowarn",
-                                           *(["--3way"] if three_way else []), str(diff)])
+                    self._execute(["apply", "--index", "--whitespace=nowarn",
+                                   *(["--3way"] if three_way else []), str(diff)])
                 except git.GitCommandError as err:
                     raise PatchFailed(patch.name, git_message(err)) from None
                 body = msg.read_text(encoding="utf-8").strip()

@@ -14,14 +14,18 @@ Guarantees:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import signal
 import tempfile
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from .errors import EXIT_USAGE, UpstreamError
+from . import backup as backups
+from .backup import EditBackup, discard_tracked_edits, drop, restore_edits, secure_edits
+from .errors import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UpstreamError
 from .gitrepo import Clone, PatchFailed, git_executable, remove_tree
 from .manifest import Manifest, Upstream
 from .paths import default_dest, find_repo_root, series_dir
@@ -202,31 +206,102 @@ def status(manifest: Manifest, names: Iterable[str] = (), dest: Optional[str] = 
 
 @dataclass
 class _Snapshot:
+    """What a failed command puts back: HEAD, the branch checked out, the project branch's tip, and
+    the sparse-checkout settings this tool may change."""
+
     head: Optional[str]
     head_branch: Optional[str]
     branch_tip: Optional[str]
+    sparse: Tuple[Optional[bytes], Tuple[Optional[str], ...]]
 
     @classmethod
     def capture(cls, clone: Clone, branch: str) -> _Snapshot:
-        return cls(clone.head_sha(), clone.head_branch(), clone.branch_sha(branch))
+        return cls(clone.head_sha(), clone.head_branch(), clone.branch_sha(branch), clone.sparse_state())
 
 
-def _restore(clone: Clone, t: Target, snap: _Snapshot, stashed: bool, backup: Optional[str], fresh: bool) -> None:
-    """Put a clone back as `snap` saw it (after a failed apply)."""
-    clone.am_abort()
-    if fresh:  # there was no clone before: leave the new one at the pinned commit, without the branch
-        clone.checkout_detached(t.entry.commit, force=True)
-        clone.set_branch(t.branch, None)
+@contextlib.contextmanager
+def _no_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C while a rollback runs (a second interrupt must not leave the clone half restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    if snap.head:
-        clone.checkout_detached(snap.head, force=True)
-    clone.set_branch(t.branch, snap.branch_tip)
-    if backup:
-        clone.set_branch(backup, None)
-    if snap.head_branch:
-        clone.checkout(snap.head_branch, force=True)
-    if stashed:
-        clone.stash_pop()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class _Change:
+    """One command's changes to a clone, undone by `rollback` when the command fails."""
+
+    clone: Clone
+    t: Target
+    snap: _Snapshot
+    fresh: bool = False
+    edits: Optional[EditBackup] = None   # the verified backup of the tracked edits, once made
+    unsecured: bool = False              # tracked edits exist and are NOT backed up: never force over them
+    backup_branch: Optional[str] = None
+
+    def rollback(self) -> str:
+        """Put the clone back as `snap` saw it; returns what to tell the user about their edits."""
+        clone, t, snap = self.clone, self.t, self.snap
+        clone.am_abort()
+        if self.unsecured:  # nothing was changed yet (securing failed): the work tree is theirs as it is
+            return f"{t.dest} is unchanged"
+        if self.fresh:  # there was no clone before: leave the new one at the pinned commit, without the branch
+            clone.checkout_detached(t.entry.commit, force=True)
+            clone.set_branch(t.branch, None)
+            return "left the new clone at the pinned commit"
+        clone.restore_sparse(snap.sparse)
+        if snap.head:
+            clone.checkout_detached(snap.head, force=True)  # tracked edits are in self.edits (or there were none)
+        clone.set_branch(t.branch, snap.branch_tip)
+        if self.backup_branch:
+            clone.set_branch(self.backup_branch, None)
+        if snap.head_branch:
+            clone.checkout(snap.head_branch, force=True)
+        if self.edits is None:
+            return f"{t.dest} is unchanged"
+        problem = restore_edits(clone, self.edits)
+        if problem:
+            return f"{t.dest} is back at its HEAD but {problem}: {self.edits.where(t.dest, t.name)}"
+        drop(clone, self.edits)
+        return f"{t.dest} is unchanged, your local edits back in place"
+
+
+def _guarded(change: _Change, name: str, work: Callable[[], None]) -> None:
+    """Run `work`; on any failure (an error, Ctrl-C, a full disk) roll the clone back and raise one
+    UpstreamError that says what happened and where the user's edits are."""
+    try:
+        work()
+    except (UpstreamError, OSError, KeyboardInterrupt) as err:
+        interrupted = isinstance(err, KeyboardInterrupt)
+        what = "interrupted" if interrupted else str(err)
+        with _no_interrupt():
+            try:
+                state = change.rollback()
+            except (UpstreamError, OSError) as again:
+                where = change.edits.where(change.t.dest, change.t.name) if change.edits else \
+                    f"see `git -C {change.t.dest} status`"
+                raise UpstreamError(f"{name}: {what}; restoring {change.t.dest} failed too ({again}); {where}",
+                                    code=EXIT_INTERRUPTED if interrupted else EXIT_FAILED) from None
+        hint = "" if interrupted else (f"; fix the cause, then rerun; `./apply_patches.sh check {name}` tests a "
+                                       "series without touching the clone")
+        raise UpstreamError(f"{name}: {what} ({state}{hint})",
+                            code=EXIT_INTERRUPTED if interrupted else EXIT_FAILED) from None
+
+
+def _secure(change: _Change, changes: Sequence[str], reason: str, say: Say) -> None:
+    """Back up and verify the tracked edits, say where they are, then reset the tracked files."""
+    if not changes:
+        return
+    change.unsecured = True
+    change.edits = secure_edits(change.clone, reason)   # raises with nothing changed when it cannot
+    change.unsecured = False
+    say(f"{change.t.name}: {change.edits.where(change.t.dest, change.t.name)}")
+    discard_tracked_edits(change.clone)
 
 
 def _apply_series(clone: Clone, t: Target, missing_ok: bool) -> bool:
@@ -266,21 +341,46 @@ def _open_or_clone(t: Target, source_opt: Optional[str], say: Say):
         return clone, False
     source = resolve_source(t.entry, source_opt)
     say(f"{t.name}: cloning {source.describe()} into {dest}")
+    existed = dest.exists()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    clone = Clone.clone(source, dest)
-    if not clone.has_commit(t.entry.commit):
-        head = clone.head_sha()
-        remove_tree(dest)
-        raise _missing_pinned(t, source, head)
+    try:
+        clone = Clone.clone(source, dest)
+        if not clone.has_commit(t.entry.commit):
+            head = clone.head_sha()
+            raise _missing_pinned(t, source, head)
+        # a new clone is a clean one at the pin before anything else runs, so that any later failure
+        # leaves a clone a rerun can use
+        _prepare_checkout(t, clone)
+        clone.checkout_detached(t.entry.commit, force=True)
+    except BaseException:
+        with _no_interrupt():  # what this command made goes; an empty folder the user made stays
+            if dest.exists():
+                remove_tree(dest)
+            if existed:
+                dest.mkdir()
+        raise
     return clone, True
 
 
+def _refuse_planned(t: Target, allow: bool, say: Say) -> None:
+    if t.entry.status == "ready":
+        return
+    first = (f"{t.name} is planned, not ready: its patch series, adapter or image are not complete, so its "
+             "training command does not train with DEQ fusion yet")
+    if not allow:
+        raise UpstreamError(f"{first}; rerun with --allow-planned to check out the pinned commit anyway "
+                            "(`./apply_patches.sh list` shows which upstreams are ready)", code=EXIT_USAGE)
+    say(f"warning: {first} (--allow-planned)")
+
+
 def apply(manifest: Manifest, name: str, *, dest: Optional[str] = None, patches: Optional[str] = None,
-          source: Optional[str] = None, force: bool = False, say: Say = print) -> int:
+          source: Optional[str] = None, force: bool = False, allow_planned: bool = False,
+          say: Say = print) -> int:
     t = resolve(manifest, name, dest, patches)
     _require_clonable(t.entry)
+    _refuse_planned(t, allow_planned, say)
     git_executable()
-    clone, fresh = _open_or_clone(t, source, say)
+    clone, fresh = _guarded_open(t, source, say)
     what = clone.in_progress()
     if what:
         raise UpstreamError(f"{what} is in progress in {t.dest}: finish or abort it "
@@ -292,20 +392,19 @@ def apply(manifest: Manifest, name: str, *, dest: Optional[str] = None, patches:
     tip = clone.branch_sha(branch)
     head_branch = clone.head_branch()
     own_tip = rec is not None and tip is not None and rec.head == tip
+    applied_here = own_tip and rec.matches(pinned, series_fp)
 
-    if own_tip and rec.matches(pinned, series_fp):
-        if head_branch == branch:
-            note = f" (local edits to {_plural(len(changes), 'tracked file')} left as they are)" if changes else ""
-            say(f"{name}: already applied ({_plural(len(t.series), 'patch')} on branch {branch} at "
-                f"{t.entry.short}); nothing changed{note}")
-            _next_steps(t, say)
-            return 0
-        if changes and not force:
-            raise _local_edits(t, changes)
-    elif changes and not force:
+    if applied_here and head_branch == branch:
+        # nothing to change: the edits stay where they are (documented; tested)
+        note = f" (local edits to {_plural(len(changes), 'tracked file')} left as they are)" if changes else ""
+        say(f"{name}: already applied ({_plural(len(t.series), 'patch')} on branch {branch} at "
+            f"{t.entry.short}); nothing changed{note}")
+        _next_steps(t, say)
+        return 0
+    if changes and not force:
         raise _local_edits(t, changes)
 
-    backup = None
+    change = _Change(clone, t, _Snapshot.capture(clone, branch), fresh=fresh)
     if tip is not None and tip != pinned and not own_tip:
         if not force:
             k = (len(clone.commits_between(pinned, tip)) if clone.is_ancestor(pinned, tip) else None)
@@ -315,20 +414,16 @@ def apply(manifest: Manifest, name: str, *, dest: Optional[str] = None, patches:
                 f"`./apply_patches.sh refresh {name}`, or rerun with --force (the old branch is kept as "
                 f"{_backup_name(clone, branch)})"
             )
-        backup = _backup_name(clone, branch)
+        change.backup_branch = _backup_name(clone, branch)
 
-    snap = _Snapshot.capture(clone, branch)
-    stashed = False
-    missing: List[str] = []
-    try:
-        if changes:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            clone.stash_push(f"deqfusion: local edits in {name} before `apply --force` ({stamp})")
-            stashed = True
-        if backup:
-            clone.set_branch(backup, tip)
+    result: Dict[str, object] = {}
+
+    def work() -> None:
+        _secure(change, changes, f"`apply --force` of {name}", say)
+        if change.backup_branch:
+            clone.set_branch(change.backup_branch, tip)
         missing = _prepare_checkout(t, clone)
-        if own_tip and rec.matches(pinned, series_fp):
+        if applied_here:
             clone.checkout(branch)  # the applied branch exists: switch back to it
             three_way = rec.three_way
             done = f"{name}: switched back to branch {branch} (series already applied there)"
@@ -338,26 +433,30 @@ def apply(manifest: Manifest, name: str, *, dest: Optional[str] = None, patches:
             done = (f"{name}: applied {_plural(len(t.series), 'patch')}{how} on branch {branch} at {t.entry.short}"
                     if t.series else f"{name}: checked out the pinned commit {t.entry.short} on branch {branch} "
                     f"(no patches yet: {t.patches_dir or t.entry.patches} is empty)")
-    except UpstreamError as err:
-        try:
-            _restore(clone, t, snap, stashed, backup, fresh)
-        except UpstreamError as again:
-            raise UpstreamError(f"{name}: {err}; restoring {t.dest} failed too ({again}): see "
-                                f"`git -C {t.dest} status` and `git -C {t.dest} stash list`") from None
-        where = ("left the new clone at the pinned commit" if fresh else f"{t.dest} is unchanged")
-        raise UpstreamError(f"{name}: {err} ({where}; fix the series, then rerun; `./apply_patches.sh check "
-                            f"{name}` tests it without touching the clone)") from None
+        write_record(clone.git_dir, Record(name, pinned, branch, clone.branch_sha(branch) or pinned,
+                                           series_fp, three_way, missing))
+        result.update(done=done, missing=missing)
 
-    write_record(clone.git_dir, Record(name, pinned, branch, clone.branch_sha(branch) or pinned,
-                                       series_fp, three_way, missing))
-    _warn_excluded(t, missing, say)
-    say(done)
-    if stashed:
-        say(f"  your local edits are stashed (stash@{{0}}): `git -C {t.dest} stash pop` brings them back")
-    if backup:
-        say(f"  the old branch {branch} is kept as {backup}")
+    _guarded(change, name, work)
+    _warn_excluded(t, result["missing"], say)
+    say(str(result["done"]))
+    if change.edits:
+        say(f"  {change.edits.where(t.dest, name)}")
+    if change.backup_branch:
+        say(f"  the old branch {branch} is kept as {change.backup_branch}")
     _next_steps(t, say)
     return 0
+
+
+def _guarded_open(t: Target, source: Optional[str], say: Say):
+    try:
+        return _open_or_clone(t, source, say)
+    except KeyboardInterrupt:
+        raise UpstreamError(f"{t.name}: interrupted while cloning (the new clone at {t.dest} is removed; rerun "
+                            "to clone again)", code=EXIT_INTERRUPTED) from None
+    except OSError as err:
+        raise UpstreamError(f"{t.name}: could not make the clone at {t.dest} ({err}); the new clone is removed, "
+                            "fix the cause and rerun", code=EXIT_ENVIRONMENT) from None
 
 
 # -- check -------------------------------------------------------------------------------------------
@@ -387,7 +486,8 @@ def check(manifest: Manifest, name: str, *, dest: Optional[str] = None, patches:
         say(f"{name}: no patches yet; the pinned commit {t.entry.short} checks out from {src.describe()}")
     else:
         how = " with git am --3way" if three_way else " cleanly"
-        say(f"{name}: {_plural(len(t.series), 'patch')} apply{how} to {t.entry.short} (tried in a temporary clone)")
+        verb = "applies" if len(t.series) == 1 else "apply"
+        say(f"{name}: {_plural(len(t.series), 'patch')} {verb}{how} to {t.entry.short} (tried in a temporary clone)")
     return 0
 
 
@@ -419,20 +519,37 @@ def revert(manifest: Manifest, name: str, *, dest: Optional[str] = None, force: 
         return 0
     if changes and not force:
         raise _local_edits(t, changes)
-    stashed = False
-    if changes:
-        clone.stash_push(f"deqfusion: local edits in {name} before `revert --force` ({time.strftime('%Y-%m-%d %H:%M:%S')})")
-        stashed = True
-    try:
+    change = _Change(clone, t, _Snapshot.capture(clone, t.branch))
+
+    def work() -> None:
+        _secure(change, changes, f"`revert --force` of {name}", say)
         clone.checkout_detached(t.entry.commit)
-    except UpstreamError:
-        if stashed:
-            clone.stash_pop()
-        raise
+
+    _guarded(change, name, work)
     say(f"{name}: {t.dest} is back at the pinned commit {t.entry.short} (detached HEAD); branch {t.branch} "
         f"is kept: `./apply_patches.sh {name}` switches back")
-    if stashed:
-        say(f"  your local edits are stashed (stash@{{0}}): `git -C {t.dest} stash pop` brings them back")
+    if change.edits:
+        say(f"  {change.edits.where(t.dest, name)}")
+    return 0
+
+
+# -- restore ---------------------------------------------------------------------------------------
+
+def restore(manifest: Manifest, name: str, *, dest: Optional[str] = None, number: Optional[int] = None,
+            say: Say = print) -> int:
+    """Re-apply local edits that `apply --force` / `revert --force` saved (refs/deqfusion/backups/N)."""
+    t = resolve(manifest, name, dest)
+    _require_clonable(t.entry)
+    clone = _existing_clone(t, "restore")
+    saved = backups.load(clone, number)
+    changes = clone.tracked_changes()
+    if changes:
+        raise UpstreamError(f"{t.dest} has local edits to {_plural(len(changes), 'tracked file')} now: commit them, "
+                            f"or save them with `./apply_patches.sh revert {name} --force`, then rerun")
+    how = backups.reapply(clone, saved)
+    drop(clone, saved)
+    say(f"{name}: re-applied the local edits of {saved.ref} to {_plural(len(saved.paths), 'tracked file')} "
+        f"{how}; the backup is dropped")
     return 0
 
 
@@ -456,13 +573,21 @@ def refresh(manifest: Manifest, name: str, *, dest: Optional[str] = None, patche
         if not on_branch:
             raise UpstreamError(f"HEAD of {t.dest} is not on branch {branch}: `git -C {t.dest} checkout {branch}`, "
                                 "then rerun")
-        clone.commit_tracked(message)
+        index, before = clone.git("write-tree", "--missing-ok"), clone.head_sha()
+        try:
+            clone.commit_tracked(message)
+        except (UpstreamError, KeyboardInterrupt):
+            if clone.head_sha() == before:  # not committed: the index as it was (the files were never touched)
+                backups.set_index_entries(clone, index, changes)
+            raise
         say(f"{name}: committed local edits to {_plural(len(changes), 'tracked file')} on {branch}")
     elif changes and not force:
         raise UpstreamError(f"{t.dest} has uncommitted edits to {_plural(len(changes), 'tracked file')}, which "
                             f"would not be in the series: commit them on {branch}, pass -m MESSAGE to commit "
                             "them, or --force to leave them out")
     tip = clone.branch_sha(branch)
+    if tip is None:
+        raise UpstreamError(f"no branch {branch} in {t.dest}: run `./apply_patches.sh {name}` first")
     if not clone.is_ancestor(pinned, tip):
         raise UpstreamError(f"branch {branch} in {t.dest} is not based on the pinned commit {t.entry.short}: "
                             f"rebase it (git -C {t.dest} rebase --onto {t.entry.short} ...)")
@@ -476,7 +601,11 @@ def refresh(manifest: Manifest, name: str, *, dest: Optional[str] = None, patche
     before = dict(fingerprint(t.series))
     with tempfile.TemporaryDirectory(prefix=f"deqfusion-refresh-{name}-") as tmp:
         files = clone.format_patch(pinned, tip, Path(tmp))
-        written, removed = replace_series(t.patches_dir, files)
+        try:
+            written, removed, kept = replace_series(t.patches_dir, files, clone.git_dir / "deqfusion-backups")
+        except OSError as err:
+            raise UpstreamError(f"{name}: could not write the series into {t.patches_dir} ({err}); the series "
+                                "that was there is back in place; fix the cause and rerun") from None
     new_series = read_series(t.patches_dir)
     after = dict(fingerprint(new_series))
     changed = [p for p in written if before.get(p.name) != after.get(p.name)]
@@ -488,5 +617,7 @@ def refresh(manifest: Manifest, name: str, *, dest: Optional[str] = None, patche
         say(f"  wrote {p.name}")
     for p in removed:
         say(f"  removed {p.name}")
+    if kept is not None:
+        say(f"  the series it replaced is kept in {kept}")
     say(f"review with `git diff -- {t.patches_dir}` and commit the series")
     return 0

@@ -39,24 +39,20 @@ def perturbed(fusion, seed: int = 0):
     return fusion
 
 
-def forward_capturing_fixed_point(fusion, xs, monkeypatch):
-    """fusion(xs), and the joint state its forward solve returned, unpacked into the layer's list
-    of states (z_1..z_N, z_fuse). The solver's result is read by wrapping the `solve` that
-    deqfusion.layer calls (the backward's adjoint solve lives in deqfusion.backward: not seen)."""
-    import deqfusion.layer as layer
+def unpack_state(fusion, flat: torch.Tensor, spatial=()):
+    """The layer's flat (B, D) state (`stats.state`, `z_init`, `fixed_point_map`) as its list of
+    states z_1..z_N (rows with f_theta), z_fuse (rows with f_fuse): (B, k, dim, *spatial) flattened."""
+    return list(flat.view(flat.shape[0], -1, fusion.config.dim, *spatial).unbind(1))
 
-    seen = []
-    real = layer.solve
 
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        seen.append(out[0].detach().clone())
-        return out
+def pack_states(states) -> torch.Tensor:
+    """The inverse of unpack_state."""
+    return torch.stack(list(states), dim=1).reshape(states[0].shape[0], -1)
 
-    monkeypatch.setattr(layer, "solve", spy)
-    out = fusion(xs)
-    monkeypatch.setattr(layer, "solve", real)
-    assert len(seen) == 1, f"expected one forward solve, saw {len(seen)}"
-    like = xs[0].new_empty(1, fusion.config.dim, *xs[0].shape[2:])        # (dim, *spatial) per state
-    _, unpack = fusion._packers(like)
-    return out, list(unpack(seen[0]))
+
+def forward_and_fixed_point(fusion, xs, **kwargs):
+    """fusion(xs, **kwargs), and the joint state its forward solve returned (`stats.state`) as the
+    layer's list of states."""
+    out = fusion(xs, **kwargs)
+    assert out.stats.state is not None, "a DEQ solve reports its state in stats.state"
+    return out, unpack_state(fusion, out.stats.state.detach(), tuple(xs[0].shape[2:]))

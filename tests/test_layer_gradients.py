@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers_core import contractive_fusion, forward_capturing_fixed_point, inputs, perturbed, rel_err
+from helpers_core import contractive_fusion, forward_and_fixed_point, inputs, perturbed, rel_err
 from reference_fusion import SOLVED_ROWS, dropout_masks, leaf_params, params, reference_for
 
 TIGHT = dict(f_max_iter=400, f_tol=1e-13, b_max_iter=400, b_tol=1e-13, b_stop_mode="abs")
@@ -214,7 +214,7 @@ def _reference_hutchinson(fusion, P, xs, z_star, seed: int, probes: int):
     return total / (probes * fz.numel())
 
 
-def test_jacobian_term_value_and_gradient_match_the_reference(monkeypatch):
+def test_jacobian_term_value_and_gradient_match_the_reference():
     """jac_loss and its gradient (every parameter, the inputs) against the reference's Hutchinson
     estimate with the same probes: its value, its autograd gradient, and central finite
     differences of it (parameters perturbed, z* and probes held fixed), on a converged instance
@@ -223,7 +223,7 @@ def test_jacobian_term_value_and_gradient_match_the_reference(monkeypatch):
     fusion.train()
     xs = [x.requires_grad_() for x in inputs(2, (6, 8), spatial=(3,))]
     torch.manual_seed(21)
-    out, z_star = forward_capturing_fixed_point(fusion, xs, monkeypatch)
+    out, z_star = forward_and_fixed_point(fusion, xs)
     assert out.stats.converged.all(), out.stats.summary()     # "exact at the fixed point" needs one
     names = [n for n, _ in fusion.named_parameters()]
     grads = torch.autograd.grad(out.jac_loss, xs + list(fusion.parameters()), allow_unused=True)
@@ -272,7 +272,7 @@ def test_jacobian_term_value_and_gradient_match_the_reference(monkeypatch):
         assert rel_err(analytic, torch.tensor(fd, dtype=torch.float64)) <= 2e-8, (name, analytic, fd)
 
 
-def test_jacobian_loss_estimates_frobenius_norm(monkeypatch):
+def test_jacobian_loss_estimates_frobenius_norm():
     """Hutchinson estimate against the exact ||J||_F^2 / numel from the full float64 Jacobian of
     the reference map at the layer's (converged) fixed point. (Two groups of 4 channels: with 4
     groups of 2, GroupNorm is nearly a sign function and this instance did not converge.)"""
@@ -280,7 +280,7 @@ def test_jacobian_loss_estimates_frobenius_norm(monkeypatch):
     fusion.train()
     xs = inputs(2, (8, 8))
     torch.manual_seed(5)
-    out, z_star = forward_capturing_fixed_point(fusion, xs, monkeypatch)
+    out, z_star = forward_and_fixed_point(fusion, xs)
     assert out.stats.converged.all(), out.stats.summary()
     ref = reference_for(fusion)
     xs_p = ref.project(xs)

@@ -5,14 +5,14 @@ so a wrong term there would be checked against itself. Here the reference reads 
 parameters by name. Three levels, each on (B, C), (B, C, N) and (B, C, H, W) inputs with in_dims
 projections, for every ablation row and both forms of f_theta (Eq. 8, and the release's `+ z_i`):
 
-- one application of the map at random states (`DEQFusion._step`, the one-step map the solver
-  iterates; it takes the projected inputs and x_fuse, which the reference computes itself), with
-  and without dropout masks: equal to float64 rounding;
+- one application of the map at random joint states (`DEQFusion.fixed_point_map`, the map the
+  solver iterates, on the flat state that `stats.state` and `z_init` use): equal to float64 rounding;
 - the public forward in the weight-tied mode (`mode="unrolled"`, k steps from zeros, training mode
   with dropout: the masks come from the same seeded draw), and the weighted-sum and one-pass rows:
   raw inputs in, fused output out, equal to float64 rounding;
-- the solved fixed point (the state the forward solve returns): its residual under the REFERENCE
-  map is at the solver's tolerance, and the fused output is the reference map's image of it.
+- the solved fixed point (`stats.state`, the state the forward solve returns), from zeros and from
+  a warm start: its residual under the REFERENCE map is at the solver's tolerance, and the fused
+  output is the reference map's image of it.
 
 Why one step at random states and not only from zeros: from z = 0 the purified term alpha_i z_fuse
 vanishes, so a wrong gate (Eq. 9) would go unseen in the first step.
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from deqfusion import DEQFusion
-from helpers_core import contractive_fusion, forward_capturing_fixed_point, inputs, perturbed, rel_err
+from helpers_core import contractive_fusion, forward_and_fixed_point, inputs, pack_states, perturbed, rel_err, unpack_state
 from reference_fusion import MAP_ROWS, ROWS, SOLVED_ROWS, dropout_masks, reference_for
 
 DIM, N, IN_DIMS = 16, 3, (10, 16, 6)            # three modalities: two projected, one identity
@@ -44,20 +44,24 @@ def _fusion(ablation, residual, **options):
 @pytest.mark.parametrize("residual", [False, True], ids=["eq8", "plus_z"])
 @pytest.mark.parametrize("ablation", MAP_ROWS)
 def test_one_step_of_the_map_equals_the_reference(ablation, residual, spatial):
+    """`fixed_point_map(xs)`: the map the solver iterates (raw inputs: projections and x_fuse
+    included), at random joint states, and its readout of the fused output."""
     fusion = _fusion(ablation, residual)
     ref = reference_for(fusion)
-    xs = ref.project(inputs(3, IN_DIMS, spatial=spatial))
+    xs_raw = inputs(3, IN_DIMS, spatial=spatial)
+    xs = ref.project(xs_raw)
     xf = ref.x_fuse(xs)
     g = torch.Generator().manual_seed(7)
     states = [torch.randn(xs[0].shape, generator=g, dtype=torch.float64) for _ in range(ref.num_states())]
-    masks = [torch.bernoulli(torch.full(xs[0].shape, 0.7, dtype=torch.float64), generator=g) / 0.7 for _ in range(N + 1)]
     with torch.no_grad():
-        for m in (None, masks):
-            ours = fusion._step(states, xs, xf, m if m is not None else [None] * (N + 1))
-            expected = ref.step(states, xs, xf, m)
-            assert len(ours) == len(expected) == ref.num_states()
-            for k, (a, b) in enumerate(zip(ours, expected)):
-                assert rel_err(a, b) <= ROUNDING, (k, rel_err(a, b))
+        f, readout = fusion.fixed_point_map(xs_raw)
+        image = f(pack_states(states))
+        ours = unpack_state(fusion, image, spatial)
+        expected = ref.step(states, xs, xf)
+        assert len(ours) == len(expected) == ref.num_states()
+        for k, (a, b) in enumerate(zip(ours, expected)):
+            assert rel_err(a, b) <= ROUNDING, (k, rel_err(a, b))
+        assert rel_err(readout(image), ref.fused(expected)) <= ROUNDING
 
 
 @pytest.mark.parametrize("spatial", list(SPATIAL.values()), ids=list(SPATIAL))
@@ -91,7 +95,7 @@ def test_public_forward_equals_reference_iteration(ablation, residual, spatial):
 @pytest.mark.parametrize("spatial", list(SPATIAL.values()), ids=list(SPATIAL))
 @pytest.mark.parametrize("residual", [False, True], ids=["eq8", "plus_z"])
 @pytest.mark.parametrize("ablation", SOLVED_ROWS)
-def test_solved_fixed_point_satisfies_the_reference_equation(ablation, residual, spatial, monkeypatch):
+def test_solved_fixed_point_satisfies_the_reference_equation(ablation, residual, spatial):
     fusion = perturbed(contractive_fusion(dim=DIM, n=N, in_dims=IN_DIMS, ablation=ablation, block_residual=residual,
                                           scale=0.1 if residual else 0.4, f_tol=1e-12, f_max_iter=800))
     # (the `+ z_i` form is badly conditioned: most samples need 15-160 Anderson steps, one of
@@ -99,17 +103,21 @@ def test_solved_fixed_point_satisfies_the_reference_equation(ablation, residual,
     fusion.eval()
     ref = reference_for(fusion)
     xs = inputs(3, IN_DIMS, spatial=spatial)
+    xs_p = ref.project(xs)
+    xf = ref.x_fuse(xs_p)
     with torch.no_grad():
-        out, z_star = forward_capturing_fixed_point(fusion, xs, monkeypatch)
-        assert out.stats.converged.all(), out.stats.summary()
-        xs_p = ref.project(xs)
-        xf = ref.x_fuse(xs_p)
-        res = ref.residual_of(z_star, xs_p, xf)
-        image = ref.fused(ref.step(z_star, xs_p, xf))
-    # the layer's stopping test (relative, per sample, 1e-12) measured with the reference map:
-    # only rounding separates the two residuals
-    assert float(res.max()) <= 1.01e-12, res
-    # the output is f(z*): the reference's image of the returned state
-    assert rel_err(out.fused, image) <= ROUNDING, rel_err(out.fused, image)
+        cold, _ = forward_and_fixed_point(fusion, xs)
+        g = torch.Generator().manual_seed(3)
+        near = cold.stats.state + 1e-3 * torch.randn(cold.stats.state.shape, generator=g, dtype=torch.float64)
+        for z_init in (None, near):                       # from zeros, and warm-started nearby
+            out, z_star = forward_and_fixed_point(fusion, xs, z_init=z_init)
+            assert out.stats.converged.all(), out.stats.summary()
+            res = ref.residual_of(z_star, xs_p, xf)
+            image = ref.fused(ref.step(z_star, xs_p, xf))
+            # the layer's stopping test (relative, per sample, 1e-12) measured with the reference
+            # map: only rounding separates the two residuals
+            assert float(res.max()) <= 1.01e-12, res
+            # the output is f(z*): the reference's image of the returned state
+            assert rel_err(out.fused, image) <= ROUNDING, rel_err(out.fused, image)
     if ablation == "fusion_deq":
         assert len(z_star) == 1, "fusion_deq iterates z_fuse alone (z_i = x_i)"

@@ -88,7 +88,8 @@ def test_captured_comparison_matches_eager(tmp_path):
     rows = json.loads(out.read_text())["shapes"]["mmimdb"]["captured"]
     assert [r["part"] for r in rows] == ["forward solve", "training step"]
     assert all(r["iters"] == 2 and r["captured_s"] > 0 and r["eager_s"] > 0 for r in rows)
-    assert rows[0]["max_abs_diff"] < 1e-4 and rows[1]["max_rel_grad_diff"] < 1e-4
+    # float32, compiled kernels reassociate sums: measured 1.3e-6 (fused, abs) and 4.0e-7 (grads, rel)
+    assert rows[0]["max_abs_diff"] < 1e-5 and rows[1]["max_rel_grad_diff"] < 1e-5
     text = md.read_text()
     assert "Eager vs captured" in text and "| mmimdb | forward solve | 2 |" in text and "## Targets" not in text
 

@@ -223,6 +223,7 @@ def test_torch_compile_of_a_model_containing_deqfusion():
     eager, _ = model(a, b)
     compiled = torch.compile(model, backend="inductor")
     out, jac = compiled(a, b)
-    assert torch.allclose(out, eager, atol=1e-4)
+    # float32, inductor's kernels reassociate sums: measured 1.7e-6 on outputs of size ~1
+    assert torch.allclose(out, eager, rtol=0, atol=2e-5)
     (out.sum() + jac).backward()
     assert model.enc.weight.grad is not None

@@ -48,10 +48,14 @@ class ModalityBlock(nn.Module):
     """f_theta_i(z_i; x_i) = GN(ReLU(GN(Lin(ReLU(GN(Lin(z_i)))) + x_i) [+ z_i]))  (paper Eq. 8).
 
     `residual=True` adds z_i before the last ReLU, as the authors' release does.
+    `input_scale=True` (not in the paper) multiplies the result by the per-sample RMS of x_i: the
+    last GroupNorm gives every sample's state the same size, which erases a per-sample scaling of
+    the inputs (MM-Dynamics' confidence weighting); with it, z_i keeps its input's relative size.
     """
 
-    def __init__(self, dim: int, num_groups: int, residual: bool = True):
+    def __init__(self, dim: int, num_groups: int, residual: bool = True, input_scale: bool = False):
         super().__init__()
+        self.input_scale = input_scale
         self.lin1 = ChannelLinear(dim, dim)
         self.norm1 = nn.GroupNorm(num_groups, dim)
         self.lin2 = ChannelLinear(dim, dim)
@@ -66,7 +70,10 @@ class ModalityBlock(nn.Module):
         h = self.norm2(self.lin2(h) + x)
         if self.residual:
             h = h + z
-        return self.norm3(F.relu(h))
+        out = self.norm3(F.relu(h))
+        if self.input_scale:
+            out = out * x.flatten(1).pow(2).mean(1).sqrt().view(-1, *([1] * (x.dim() - 1)))
+        return out
 
 
 class FusionBlock(nn.Module):

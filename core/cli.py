@@ -18,7 +18,8 @@ log = logging.getLogger("deqfusion.cli")
 # Optional dependencies and the extra of setup.py that brings each (a missing one is a one-line error).
 OPTIONAL = {
     "numpy": "mmdynamics", "sklearn": "mmdynamics", "matplotlib": "plot", "torchdeq": "bench",
-    "h5py": "multibench", "transformers": "cmbert", "mmdet3d": "mmdet3d", "mmcv": "mmdet3d", "mmengine": "mmdet3d",
+    "h5py": "multibench", "transformers": "cmbert", "pytorch_pretrained_bert": "cmbert", "yaml": "mcan",
+    "mmdet3d": "mmdet3d", "mmcv": "mmdet3d", "mmengine": "mmdet3d", "bootstrap": "mutan",
 }
 
 # (module, what it adds) -- order is the order in --help.
@@ -26,6 +27,7 @@ COMMANDS = [
     "deqfusion.demo",            # demo / convergence: the paper's Table 9 and Fig. 3 on generated data
     "deqfusion.upstream.cli",    # list / status / apply / check / revert / refresh (patched upstream clones)
     "deqfusion.adapters.common.reproduce",  # reproduce <upstream>: the paper's tables, one subcommand per adapter
+    "deqfusion.adapters.cmbert.convert",    # cmbert-bert: CM-BERT's 'pre-trained BERT' folder from a transformers BERT
 ]
 
 

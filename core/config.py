@@ -70,6 +70,7 @@ class FusionConfig:
     unroll_steps: int = 1
     num_groups: int = 4
     block_residual: bool = False
+    input_scale: bool = False   # not in the paper: z_i keeps the per-sample RMS of x_i (see ModalityBlock)
     dropout: float = 0.0
     # forward solve
     f_solver: str = "anderson"

@@ -111,7 +111,8 @@ class DEQFusion(nn.Module):
         self.modality_weights = nn.Parameter(torch.ones(num_modalities)) if uses_x_fuse else None
         self.fuse_bias = nn.Parameter(torch.zeros(1)) if uses_x_fuse else None
         self.modality_blocks = (
-            nn.ModuleList(ModalityBlock(dim, cfg.num_groups, cfg.block_residual) for _ in range(num_modalities))
+            nn.ModuleList(ModalityBlock(dim, cfg.num_groups, cfg.block_residual, cfg.input_scale)
+                          for _ in range(num_modalities))
             if solving and cfg.use_modality_blocks else None
         )
         self.fusion_block = FusionBlock(dim, cfg.num_groups, gate=cfg.use_gate) if solving and cfg.use_fusion_block else None
@@ -257,10 +258,6 @@ class DEQFusion(nn.Module):
             z_star, fz_star, stats = solve(cfg.f_solver, f_first, z0, restrict=restrict, keep_fz=not needs_grad,
                                            **cfg.solver_kwargs("f"))
             stats.start = start
-            stats.state = z_star
-            if self.warm_store is not None and sample_ids is not None:
-                kept = (stats.status == int(Status.CONVERGED)) | (stats.status == int(Status.MAX_ITER))
-                self.warm_store.put(sample_ids, z_star, kept)
         jac_loss = zero
         if needs_grad:
             with_jac = self.training and cfg.jac_reg and (cfg.jac_freq >= 1.0 or random.random() < cfg.jac_freq)
@@ -268,6 +265,12 @@ class DEQFusion(nn.Module):
             jac_loss = jac if jac is not None else zero
         else:
             fz = fz_star
+        # the state the output is read from: f(z*) (or the phantom steps' end), one step past z* --
+        # so a warm start from it also advances a solve that stopped at its step cap
+        stats.state = fz.detach()
+        if self.warm_store is not None and sample_ids is not None:
+            kept = (stats.status == int(Status.CONVERGED)) | (stats.status == int(Status.MAX_ITER))
+            self.warm_store.put(sample_ids, stats.state, kept)
         if not _compiling() and log.isEnabledFor(logging.DEBUG):
             log.debug("DEQFusion forward: %s", stats.summary())
         return FusionOutput(self._fused(unpack(fz)), jac_loss, stats)

@@ -375,6 +375,20 @@ def test_force_on_a_sparse_clone_keeps_the_edit_and_says_where(fake, capsys):
     assert "deq_fuse(a, b)" in (dest / "model.py").read_text()       # on the patched branch
 
 
+def test_force_works_without_a_git_identity(fake, capsys, monkeypatch):
+    """A fresh container has no user.name/email: backing up the edits must not need one."""
+    m, dest = fake.manifest, fake.root / "anonymous"
+    assert _cli("apply", "fake", "--source", str(fake.up), "--dest", str(dest), manifest=m, capsys=capsys)[0] == 0
+    for var in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL", "EMAIL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(fake.root / "no-gitconfig"))
+    (dest / "train.py").write_bytes(b"mine\n")
+    code, text = _cli("revert", "fake", "--dest", str(dest), "--force", manifest=m, capsys=capsys)
+    assert code == 0, text
+    assert _cli("restore", "fake", "--dest", str(dest), manifest=m, capsys=capsys)[0] == 0
+    assert (dest / "train.py").read_bytes() == b"mine\n"
+
+
 def test_restore_conflict_keeps_the_backup(fake, capsys):
     """Edits that conflict with the new HEAD are re-applied with conflict markers; the backup stays."""
     m, dest = fake.manifest, fake.root / "conflict"

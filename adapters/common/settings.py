@@ -31,6 +31,15 @@ ENV_ROOT = "DEQFUSION_"
 # DEQFusion options an adapter sets itself (from the upstream's shapes and the ablation field)
 RESERVED_OPTIONS = ("dim", "num_modalities", "ablation")
 ABLATION_ROWS = ("weighted_sum", "no_deq", "modality_deq", "fusion_deq", "full", "no_gate")
+# What each row keeps of DEQ fusion (deqfusion.config.ABLATIONS), for the reproduce tables.
+ABLATION_TITLES = {
+    "weighted_sum": "weighted sum (no f_θ, no f_fuse, no DEQ)",
+    "no_deq": "f_θ + f_fuse, one pass (no DEQ)",
+    "modality_deq": "f_θ + DEQ (fused = Σ z_i)",
+    "fusion_deq": "f_fuse + DEQ (f_θ = identity)",
+    "full": "DEQ fusion (full)",
+    "no_gate": "DEQ fusion without gate (purify removed)",
+}
 
 S = TypeVar("S", bound="FusionSettings")
 _active: Dict[str, FusionSettings] = {}

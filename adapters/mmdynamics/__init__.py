@@ -113,15 +113,20 @@ def stats_summary(fusion: Optional[nn.Module]) -> Dict[str, Any]:
         "abs_residual_max": float(stats.abs_lowest.max()) if stats.abs_lowest.numel() else 0.0,
         "rel_residual_max": float(stats.rel_lowest.max()) if stats.rel_lowest.numel() else 0.0,
     }
+    out["f_evals"] = int(getattr(stats, "num_evals", 0))
     counts = getattr(stats, "counts", None)
     if callable(counts):
         out["status"] = counts()
+    start = getattr(stats, "start", None)
+    if start is not None and start.numel():
+        out["start"] = {name: int((start == code).sum()) for code, name in enumerate(("cold", "warm", "rejected"))}
     if getattr(fusion, "last_jac_loss", None) is not None:
         out["jac_loss"] = fusion.last_jac_loss
     back = getattr(stats, "backward", None)  # the adjoint solve, once backward has run
     if back is not None and back.nstep.numel():
         out["backward"] = {"nstep_mean": float(back.nstep.float().mean()), "nstep_max": int(back.nstep.max()),
-                           "rel_residual_max": float(back.rel_lowest.max()), "status": back.counts()}
+                           "rel_residual_max": float(back.rel_lowest.max()), "status": back.counts(),
+                           "f_evals": int(back.num_evals)}
     return out
 
 

@@ -26,8 +26,16 @@ class MMDynamicsFusion(nn.Module):
         self.last_stats = None
         self.last_jac_loss: Optional[float] = None
 
+    # MM-Dynamics trains and evaluates full-batch, rows always in the same order (train_test.py at
+    # the pin: train_epoch / test_epoch take whole data lists), so a row's index is its sample id:
+    # with the `warm_start` option every epoch's solve starts from that sample's last fixed point.
+    EVAL_IDS = 1 << 40   # evaluation rows are other samples than training rows
+
     def forward(self, features: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        out = self.deq(list(features))
+        ids = None
+        if self.deq.warm_store is not None:
+            ids = torch.arange(features[0].shape[0]) + (0 if self.training else self.EVAL_IDS)
+        out = self.deq(list(features), sample_ids=ids)
         self.last_stats = out.stats
         self.last_jac_loss = float(out.jac_loss.detach()) if self.training else None
         return out.fused, self.jac_weight * out.jac_loss

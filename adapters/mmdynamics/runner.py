@@ -177,6 +177,7 @@ class RunResult:
     fusion_stats: Dict[str, Any]           # last training / evaluation solve
     settings: Dict[str, Any]
     upstream_log: str = ""
+    cpu_s: float = 0.0                     # CPU time of the training call (its own process; robust to load)
     model: Any = None                      # the trained model when RunSpec.keep_model
     test_inputs: Any = None                # the upstream's normalised test tensors when keep_model
     traces: Any = None                     # name -> (samples, steps) residuals, see run_traces
@@ -331,6 +332,10 @@ def run(
             state["epoch"] += 1
             orig_train_epoch(data_list, label, model, optimizer)
             state["train_stats"] = adapter.stats_summary(adapter.model_fusion(model))
+            totals = state.setdefault("totals", {"epochs": 0, "f_evals": 0, "adjoint_evals": 0})
+            totals["epochs"] += 1
+            totals["f_evals"] += state["train_stats"].get("f_evals", 0)
+            totals["adjoint_evals"] += state["train_stats"].get("backward", {}).get("f_evals", 0)
             if on_epoch is not None:
                 on_epoch(state["epoch"])
             if spec.epochs is not None and state["epoch"] + 1 >= spec.epochs:
@@ -352,7 +357,7 @@ def run(
         if not echo:
             stack.enter_context(contextlib.redirect_stdout(log))
         seed_everything(spec.seed)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             tt.train(ds.name, "model", False)
         except _StopTraining:
@@ -360,7 +365,7 @@ def run(
         if not history or history[-1]["epoch"] != state["epoch"]:  # stopped early: score the final model
             probs = orig_test_epoch(state["data"][1], state["model"])
             history.append(score(probs, state["epoch"]))
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 
     model = state["model"]
     final = history[-1]
@@ -378,8 +383,9 @@ def run(
         dataset=ds.name, seed=spec.seed, fusion=spec.settings.fusion,
         ablation=spec.settings.ablation if spec.settings.fusion == "deq" else "concat",
         protocol=spec.protocol, modalities=list(spec.modalities) if spec.modalities is not None else None,
-        epochs_trained=state["epoch"] + 1, wall_s=wall, metrics=metrics, history=history,
-        fusion_stats={"train": state["train_stats"], "eval": adapter.stats_summary(fusion)} if fusion is not None else {},
+        epochs_trained=state["epoch"] + 1, wall_s=wall, cpu_s=cpu, metrics=metrics, history=history,
+        fusion_stats=({"train": state["train_stats"], "eval": adapter.stats_summary(fusion),
+                       "per_epoch": _per_epoch(state.get("totals"))} if fusion is not None else {}),
         settings={"fusion": spec.settings.fusion, "ablation": spec.settings.ablation,
                   "jac_weight": spec.settings.jac_weight, "options": dict(spec.settings.fusion_kwargs()),
                   "device": str(device), "threads": spec.threads or torch.get_num_threads(),
@@ -390,6 +396,14 @@ def run(
         result.model = model
         result.test_inputs = [t[n_val:] for t in state["data"][1]]
     return result
+
+
+def _per_epoch(totals: Optional[Dict[str, int]]) -> Dict[str, float]:
+    """Mean solver work per training epoch: forward solve and adjoint solve evaluations (batch-wide)."""
+    if not totals or not totals["epochs"]:
+        return {}
+    return {"forward_f_evals": totals["f_evals"] / totals["epochs"],
+            "adjoint_evals": totals["adjoint_evals"] / totals["epochs"]}
 
 
 def mean_std(values: Sequence[float]) -> Tuple[float, float]:

@@ -1,8 +1,10 @@
 """Limited-memory ("good") Broyden with per-sample stopping.
 
 The inverse Jacobian of g(z) = f(z) - z is approximated as -I + sum_j u_j v_j^T with at most
-`memory` rank-one terms kept in a ring, so memory is bounded by `memory`, not by max_iter
-(locuslab/deq issue #28). Full steps, no line search. Only the filled part of the ring enters
+`memory` rank-one terms, so memory is bounded by `memory`, not by max_iter (locuslab/deq issue
+#28). When all `memory` terms are in use the estimate restarts from -I: overwriting the oldest
+term, as a ring would, leaves the newer terms (each built on it) inconsistent, and the iteration
+then diverges. Full steps, no line search. Only the filled part of the ring enters
 the products, and a sample's history is forgotten by masking its terms (a (B, memory) mask),
 not by rewriting the (B, memory, D) buffers.
 """
@@ -83,6 +85,11 @@ def _broyden(f, z0, *, max_iter, tol, stop_mode, memory=30, check_every=1, diver
         gx_new = fx_new - x_new
         active = tracker.update(x_new.view(w, *rest), fx_new.view(w, *rest), gx_new)
         used = min(k - 1, memory)                      # ring slots filled so far
+        slot = (k - 1) % memory
+        if k - 1 >= memory and slot == 0:
+            # the ring is full: restart from -I rather than overwrite the oldest term, on which
+            # every newer term was built (an estimate missing it is inconsistent and diverges)
+            valid = torch.zeros_like(valid)
         Uu, Vu, vu = U[:, :used], V[:, :used], valid[:, :used]
         dx = x_new - x
         dg = gx_new - gx
@@ -90,7 +97,6 @@ def _broyden(f, z0, *, max_iter, tol, stop_mode, memory=30, check_every=1, diver
         denom = (vT * dg).sum(dim=1, keepdim=True)
         u = (dx - _matvec(Uu, Vu, dg, vu)) / torch.where(denom.abs() > tiny, denom, torch.ones_like(denom))
         good = (denom.abs() > tiny).squeeze(1) & step_ok & torch.isfinite(u).all(dim=1) & torch.isfinite(vT).all(dim=1)
-        slot = (k - 1) % memory
         U[:, slot] = torch.where(good.view(-1, 1), u, torch.zeros_like(u))
         V[:, slot] = torch.where(good.view(-1, 1), vT, torch.zeros_like(vT))
         # a sample whose new image is non-finite falls back to its best iterate and forgets its history

@@ -50,7 +50,7 @@ class SolverStats:
     num_evals: int = 0           # evaluations of f made for the whole batch
     backward: Optional[SolverStats] = None  # the adjoint solve's stats, filled in when backward runs
     start: Optional[torch.Tensor] = None    # (B,) warm_start.Start codes: cold, warm or rejected (layer solves)
-    state: Optional[torch.Tensor] = None    # (B, D) the returned iterate, detached: a z_init for the next solve
+    state: Optional[torch.Tensor] = None    # (B, D) the state the output was read from (f(z*)), detached: a z_init
 
     @property
     def converged(self) -> torch.Tensor:

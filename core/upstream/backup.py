@@ -115,17 +115,25 @@ def secure_edits(clone, reason: str) -> Optional[EditBackup]:
     if problem:
         raise UpstreamError(f"the backup of the local edits in {clone.path} does not match the files ({problem}); "
                             "nothing was changed")
-    clone.git("update-ref", "-m", f"deqfusion backup before {reason}", backup.ref, commit, "")
+    clone.git("update-ref", "-m", f"deqfusion backup before {reason}", backup.ref, commit, "", env=IDENTITY)
     backup.stash = clone._try("stash", "store", "-q", "-m", f"deqfusion: local edits before {reason} ({stamp})",
-                              commit) is not None
+                              commit, env=IDENTITY) is not None
     return backup
+
+
+# Backups must not depend on the user's git identity (a fresh container has none): their commits
+# carry the tool's own name, as stash entries carry git's.
+IDENTITY = {
+    "GIT_AUTHOR_NAME": "deqfusion backup", "GIT_AUTHOR_EMAIL": "backup@deqfusion.invalid",
+    "GIT_COMMITTER_NAME": "deqfusion backup", "GIT_COMMITTER_EMAIL": "backup@deqfusion.invalid",
+}
 
 
 def _commit_tree(clone, tree: str, parents: List[str], message: str) -> str:
     args = ["commit-tree", tree]
     for p in parents:
         args += ["-p", p]
-    return clone.git(*args, "-m", message)
+    return clone.git(*args, "-m", message, env=IDENTITY)
 
 
 def verify(clone, backup: EditBackup) -> Optional[str]:

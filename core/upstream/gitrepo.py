@@ -162,11 +162,11 @@ class Clone:
                 return None
             raise UpstreamError(f"git {args[0]} failed in {self.path}: {git_message(err)}") from None
 
-    def _try(self, *args: str) -> Optional[str]:
+    def _try(self, *args: str, env: Optional[Dict[str, str]] = None) -> Optional[str]:
         """Run git; None where it fails (a best-effort step whose failure changes nothing)."""
         git = gitpython()
         try:
-            return self._execute(args)
+            return self._execute(args, env=env)
         except git.GitCommandError:
             return None
 

@@ -51,8 +51,8 @@ def pack_states(states) -> torch.Tensor:
 
 
 def forward_and_fixed_point(fusion, xs, **kwargs):
-    """fusion(xs, **kwargs), and the joint state its forward solve returned (`stats.state`) as the
-    layer's list of states."""
+    """fusion(xs, **kwargs), and the solved joint state (`stats.state`: the state the output is
+    read from, f(z*) for the solver's iterate z*) as the layer's list of states."""
     out = fusion(xs, **kwargs)
     assert out.stats.state is not None, "a DEQ solve reports its state in stats.state"
     return out, unpack_state(fusion, out.stats.state.detach(), tuple(xs[0].shape[2:]))

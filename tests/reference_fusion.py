@@ -13,7 +13,9 @@ f_theta: `residual=True`).
     f_fuse              = GN(ReLU(W_f sum_i z'_i + b_f + x_fuse))                           Eq. 11
     x_fuse              = sum_i w_i x_i + b                                                 Eq. 12
 
-The fused branch reads this step's updated z_i (Gauss-Seidel, Eq. 9 uses z_i^[j+1]). Linear maps act
+The fused branch reads this step's updated z_i (Gauss-Seidel, Eq. 9 uses z_i^[j+1]). Not in the
+paper, optional in the core: `input_scale` multiplies f_theta_i's output by the per-sample RMS of
+x_i (sqrt of the mean of x_i^2 over channels and positions). Linear maps act
 on the channel axis (dim 1) of (B, C, *spatial) features; GroupNorm is per sample. Dropout is no
 part of the paper's map: the core puts one fixed mask after the first ReLU of f_theta and one on
 the purified sum sum_i z'_i (core/blocks.py), and the reference puts them at the same places.
@@ -65,8 +67,8 @@ class Reference:
     f_theta), then z_fuse (if it has f_fuse)."""
 
     def __init__(self, P: Dict[str, torch.Tensor], *, ablation: str, num_modalities: int, num_groups: int = 4,
-                 residual: bool = False):
-        self.P, self.n, self.groups, self.residual = P, num_modalities, num_groups, residual
+                 residual: bool = False, input_scale: bool = False):
+        self.P, self.n, self.groups, self.residual, self.input_scale = P, num_modalities, num_groups, residual, input_scale
         self.blocks, self.fuse, self.gate, self.kind = ROWS[ablation]
 
     # inputs ---------------------------------------------------------------------------------
@@ -95,7 +97,11 @@ class Reference:
         h = group_norm(linear(h, P[f"{pre}.lin2.weight"], P[f"{pre}.lin2.bias"]) + x, P, f"{pre}.norm2", g)
         if self.residual:
             h = h + z
-        return group_norm(F.relu(h), P, f"{pre}.norm3", g)                                    # Eq. 8
+        out = group_norm(F.relu(h), P, f"{pre}.norm3", g)                                     # Eq. 8
+        if self.input_scale:
+            rms = torch.sqrt(torch.mean(x.reshape(x.shape[0], -1) ** 2, dim=1))
+            out = out * rms.reshape(-1, *([1] * (x.dim() - 1)))
+        return out
 
     def f_fuse(self, z_fuse: torch.Tensor, zs: Sequence[torch.Tensor], x_fuse: torch.Tensor,
                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -162,7 +168,8 @@ def reference_for(fusion, P: Optional[Dict[str, torch.Tensor]] = None) -> Refere
     """The reference for a DEQFusion's ablation row and block form (read from its config)."""
     cfg = fusion.config
     return Reference(params(fusion) if P is None else P, ablation=cfg.ablation, num_modalities=cfg.num_modalities,
-                     num_groups=cfg.num_groups, residual=cfg.block_residual)
+                     num_groups=cfg.num_groups, residual=cfg.block_residual,
+                     input_scale=getattr(cfg, "input_scale", False))
 
 
 def dropout_masks(seed: int, like: torch.Tensor, count: int, p: float) -> List[torch.Tensor]:

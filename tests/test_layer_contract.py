@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from deqfusion import ABLATIONS, DEQFusion, FusionOutput, Status
+from helpers_core import one_thread  # noqa: F401  (a fixture, used by pytestmark)
 from helpers_core import contractive_fusion, forward_and_fixed_point, inputs, perturbed, rel_err
 from reference_fusion import reference_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_output_is_named_and_a_plain_triple():

@@ -10,8 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers_core import one_thread  # noqa: F401  (a fixture, used by pytestmark)
 from helpers_core import contractive_fusion, forward_and_fixed_point, inputs, perturbed, rel_err
 from reference_fusion import SOLVED_ROWS, dropout_masks, leaf_params, params, reference_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TIGHT = dict(f_max_iter=400, f_tol=1e-13, b_max_iter=400, b_tol=1e-13, b_stop_mode="abs")
 

@@ -22,8 +22,11 @@ import pytest
 import torch
 
 from deqfusion import DEQFusion
+from helpers_core import one_thread  # noqa: F401  (a fixture, used by pytestmark)
 from helpers_core import contractive_fusion, forward_and_fixed_point, inputs, pack_states, perturbed, rel_err, unpack_state
 from reference_fusion import MAP_ROWS, ROWS, SOLVED_ROWS, Reference, dropout_masks, reference_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIM, N, IN_DIMS = 16, 3, (10, 16, 6)            # three modalities: two projected, one identity
 SPATIAL = {"vector": (), "seq": (5,), "map": (3, 4)}

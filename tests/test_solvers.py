@@ -5,6 +5,9 @@ import pytest
 import torch
 
 from deqfusion import Status, anderson, broyden, fixed_point_iter
+from helpers_core import one_thread  # noqa: F401  (a fixture, used by pytestmark)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SOLVERS = [anderson, broyden, fixed_point_iter]
 

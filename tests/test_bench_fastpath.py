@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from deqfusion import DEQFusion, anderson
 from deqfusion.solvers import solve
-from helpers_core import contractive_fusion, inputs, rel_err
+from helpers_core import contractive_fusion, inputs
 
 SOLVERS = ["anderson", "broyden", "fixed_point_iter"]
 
@@ -77,7 +77,9 @@ def test_anderson_follows_the_textbook_iteration():
         # solver never stops early, so compare the residual trace instead of the best iterate
         _, stats = anderson(f, z0, max_iter=k, tol=0.0, stop_mode="abs")
         ref_res = torch.stack([(f(x) - x).norm(dim=1) for x in ref[:k]], dim=1)
-        assert torch.allclose(stats.abs_trace, ref_res, rtol=1e-9, atol=1e-12), k
+        # the same iteration up to rounding in a different order: absolute differences measured
+        # <= 2.3e-15 over residuals from 1.7 down to 7e-7 (relative ones grow as the residual shrinks)
+        assert torch.allclose(stats.abs_trace, ref_res, rtol=0, atol=2e-14), k
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -99,12 +101,10 @@ def test_dropping_converged_samples_gives_full_batch_results(solver):
     zr, fzr, sr = solve(solver, make(), z0, restrict=restrict, **kw)
     assert len(set(s.nstep.tolist())) > 3, "samples should stop at different steps"
     assert calls and min(calls) < 9, "converged samples should have been dropped from f"
-    assert torch.allclose(zr, z, rtol=0, atol=1e-13)
-    assert torch.allclose(fzr, fz, rtol=0, atol=1e-13)
-    for a, b in ((sr.nstep, s.nstep), (sr.status, s.status)):
+    # bitwise: each sample's arithmetic is the same in the full batch and in the working set
+    for a, b in ((zr, z), (fzr, fz), (sr.nstep, s.nstep), (sr.status, s.status), (sr.rel_trace, s.rel_trace),
+                 (sr.abs_lowest, s.abs_lowest)):
         assert torch.equal(a, b)
-    assert torch.allclose(sr.rel_trace, s.rel_trace, rtol=1e-9, atol=1e-15)
-    assert torch.allclose(sr.abs_lowest, s.abs_lowest, rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
@@ -177,10 +177,12 @@ def test_check_every_modes_give_the_default_results(check_every):
     (a, ga), (b, gb) = results
     assert len(set(a.stats.nstep.tolist())) > 1
     assert torch.equal(a.stats.nstep, b.stats.nstep) and torch.equal(a.stats.status, b.stats.status)
-    assert rel_err(b.fused.detach(), a.fused.detach()) < 1e-12
+    # bitwise (measured): ChannelLinear pads CPU GEMMs so that a sample's arithmetic does not
+    # depend on which samples share its working set (core/blocks.py)
+    assert torch.equal(b.fused.detach(), a.fused.detach())
     assert torch.equal(a.stats.backward.nstep, b.stats.backward.nstep)
     for x, y in zip(ga, gb):
-        assert rel_err(y, x) < 1e-10
+        assert torch.equal(y, x)
 
 
 @pytest.mark.parametrize("solver", SOLVERS)

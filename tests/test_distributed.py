@@ -107,7 +107,10 @@ def test_two_processes_with_half_batches_match_one_process_with_the_whole_batch(
     start = Model(jac_reg=False).double().state_dict()
     for name, value in ref_state.items():
         for r in ranks:
-            assert torch.allclose(r["state"][name], value, rtol=1e-9, atol=1e-12), name
+            # per-sample solves are batch-invariant; only the order of the gradient reductions
+            # differs (a mean over the batch vs DDP's average of two half-batch means): measured
+            # <= 1.5e-13 absolute on parameters of size ~1 after 3 steps
+            assert torch.allclose(r["state"][name], value, rtol=0, atol=2e-12), name
         if value.is_floating_point() and value.numel() > 1:
             assert not torch.equal(value, start[name]), f"{name} did not train"
 

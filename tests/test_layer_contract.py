@@ -5,7 +5,11 @@ import pytest
 import torch
 
 from deqfusion import ABLATIONS, DEQFusion, FusionOutput, Status
-from helpers_core import contractive_fusion, inputs, rel_err
+from helpers_core import one_thread  # noqa: F401  (a fixture, used by pytestmark)
+from helpers_core import contractive_fusion, forward_and_fixed_point, inputs, perturbed, rel_err
+from reference_fusion import reference_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_output_is_named_and_a_plain_triple():
@@ -30,23 +34,29 @@ def test_spatial_features_and_projected_widths(spatial):
 
 
 def test_batch_invariance_float64():
-    """Each converged sample's output is the same alone or inside a batch of 64 mixed samples
-    (input scales over three decades, so step counts differ). A sample that does not converge
-    follows a chaotic trajectory, where no solver can promise bitwise-stable results."""
+    """Each sample's output, step count and status are the same alone or inside a batch of 32 mixed
+    samples (input scales over two decades, so step counts differ), for every sample that
+    converges either way. Bitwise: ChannelLinear pads CPU GEMMs to whole row blocks so that a
+    sample's arithmetic does not depend on the batch (core/blocks.py). A sample that converges
+    neither way follows a chaotic trajectory, where no solver can promise bitwise-stable results."""
     fusion = contractive_fusion(dim=16, n=2, scale=0.5, f_tol=1e-10, f_max_iter=200)
     fusion.eval()
     g = torch.Generator().manual_seed(3)
-    scales = torch.logspace(-1, 1, 64, dtype=torch.float64).view(64, 1)       # input scales: easy to hard
-    xs = [torch.randn(64, 16, generator=g, dtype=torch.float64) * scales for _ in range(2)]
+    scales = torch.logspace(-1, 1, 32, dtype=torch.float64).view(32, 1)       # input scales: easy to hard
+    xs = [torch.randn(32, 16, generator=g, dtype=torch.float64) * scales for _ in range(2)]
     with torch.no_grad():
         batch_out = fusion(xs)
-        converged = batch_out.stats.converged.nonzero().flatten().tolist()
-        assert len(converged) >= 48, batch_out.stats.summary()
-        assert len(set(batch_out.stats.nstep.tolist())) > 5, "samples should need different step counts"
-        for i in converged[::3]:
-            alone = fusion([x[i:i + 1] for x in xs])
-            assert rel_err(alone.fused[0], batch_out.fused[i]) <= 1e-6
-            assert int(alone.stats.status[0]) == int(batch_out.stats.status[i])
+        alone = [fusion([x[i:i + 1] for x in xs]) for i in range(32)]
+    st = batch_out.stats
+    either = [i for i in range(32) if bool(st.converged[i]) or bool(alone[i].stats.converged[0])]
+    assert len(either) >= 24, st.summary()
+    assert len(set(st.nstep.tolist())) > 5, "samples should need different step counts"
+    for i in either:
+        a = alone[i]
+        assert int(a.stats.status[0]) == int(st.status[i]), i
+        assert int(a.stats.nstep[0]) == int(st.nstep[i]), i
+        assert torch.equal(a.fused[0], batch_out.fused[i]), (i, rel_err(a.fused[0], batch_out.fused[i]))
+        assert torch.equal(a.stats.rel_lowest[0], st.rel_lowest[i]), i
 
 
 def _param_names(fusion):
@@ -73,23 +83,53 @@ def test_every_ablation_row_builds_runs_and_has_its_parameters(ablation):
     assert all(x.grad is not None for x in xs)
     if ablation == "weighted_sum":
         w = fusion.modality_weights.detach()
-        assert torch.allclose(out.fused, w[0] * xs[0] + w[1] * xs[1] + fusion.fuse_bias)
+        # the same float32 operations in the same order: measured equal (rounding would be ~1e-7)
+        assert rel_err(out.fused.detach(), w[0] * xs[0] + w[1] * xs[1] + fusion.fuse_bias.detach()) <= 1e-6
     if ablation == "no_deq":
         assert fusion.config.solve_kind == "unrolled" and int(out.stats.nstep.max()) == 1
     if ablation in ("full", "no_gate", "modality_deq", "fusion_deq"):
         assert fusion.config.solve_kind == "deq"
 
 
-def test_fusion_deq_keeps_modalities_fixed_and_modality_deq_sums():
-    fusion = contractive_fusion(dim=16, n=2, ablation="modality_deq", f_tol=1e-12, f_max_iter=200)
+def test_fusion_deq_keeps_modalities_fixed():
+    """fusion_deq (f_fuse + DEQ, f_theta = identity): the solver iterates z_fuse alone and the fused
+    branch reads z_i = x_i at every step -- each weight-tied step and the fixed point equal the
+    reference map that feeds the (projected) inputs to f_fuse throughout, and the inputs matter."""
+    fusion = perturbed(contractive_fusion(dim=16, n=2, in_dims=(12, 16), ablation="fusion_deq", f_tol=1e-12,
+                                          f_max_iter=200))
     fusion.eval()
+    assert fusion.modality_blocks is None
+    ref = reference_for(fusion)
+    xs = inputs(3, (12, 16), spatial=(2,))
+    with torch.no_grad():
+        out, z_star = forward_and_fixed_point(fusion, xs)
+        assert out.stats.converged.all(), out.stats.summary()
+        assert len(z_star) == 1, "fusion_deq's state is z_fuse alone: the modalities are not iterated"
+        for k in (1, 2, 5):
+            unrolled = DEQFusion(16, 2, in_dims=(12, 16), ablation="fusion_deq", mode="unrolled", unroll_steps=k).double()
+            unrolled.load_state_dict(fusion.state_dict())
+            assert rel_err(unrolled(xs).fused, ref.iterate(xs, k)) <= 1e-13, k     # measured <= 1e-15
+        # the fixed point of z_fuse = f_fuse(z_fuse; x_1..x_N, x_fuse); measured 5e-13 (tolerance 1e-12)
+        assert rel_err(out.fused, ref.iterate(xs, 200)) <= 1e-11
+        moved = [xs[0], xs[1] + 1.0]                   # x_2 feeds the gate: moving it moves the output
+        assert rel_err(fusion(moved).fused, out.fused) > 1e-2
+
+
+def test_modality_deq_sums_the_modality_fixed_points():
+    """modality_deq (f_theta + DEQ, no f_fuse): fused = sum_i z_i*, each z_i* the fixed point of
+    the reference f_theta_i(.; x_i), found here by plain iteration."""
+    fusion = perturbed(contractive_fusion(dim=16, n=2, ablation="modality_deq", f_tol=1e-12, f_max_iter=200))
+    fusion.eval()
+    assert fusion.fusion_block is None and fusion.modality_weights is None
+    ref = reference_for(fusion)
     xs = inputs(2, (16, 16))
     with torch.no_grad():
         out = fusion(xs)
-        states = [blk(torch.zeros(2, 16, dtype=torch.float64), x) for blk, x in zip(fusion.modality_blocks, xs)]
+        states = [torch.zeros(2, 16, dtype=torch.float64) for _ in range(2)]
         for _ in range(300):
-            states = [blk(z, x) for blk, z, x in zip(fusion.modality_blocks, states, xs)]
-    assert rel_err(out.fused, sum(states)) < 1e-9
+            states = [ref.f_theta(i, z, x) for i, (z, x) in enumerate(zip(states, xs))]
+    assert out.stats.converged.all(), out.stats.summary()
+    assert rel_err(out.fused, sum(states)) < 1e-11                    # measured 1.9e-13 (tolerance 1e-12)
 
 
 def test_unrolled_mode_backprops_through_steps_and_traces_each_step():
@@ -110,7 +150,7 @@ def test_dropout_mask_is_fixed_across_iterations():
     assert out.stats.converged.all(), out.stats.summary()
     fusion.eval()
     out_eval = fusion(inputs(4, (16, 16)))
-    assert not torch.allclose(out_eval.fused, out.fused)            # masks only in training
+    assert rel_err(out.fused.detach(), out_eval.fused.detach()) > 1e-2   # masks only in training (measured 0.2)
 
 
 def test_non_contractive_map_is_reported_per_sample_with_finite_output():
@@ -139,8 +179,11 @@ def test_nan_input_sample_is_flagged_not_leaked():
         out = fusion(xs)
     assert int(out.stats.status[2]) == Status.NON_FINITE
     assert (out.stats.status[[0, 1, 3]] != Status.NON_FINITE).all()
-    clean = fusion([x[[0, 1, 3]] for x in inputs(4, (16, 16), dtype=torch.float32)])
-    assert torch.allclose(out.fused[[0, 1, 3]], clean.fused, atol=1e-5)
+    with torch.no_grad():
+        clean = fusion([x[[0, 1, 3]] for x in inputs(4, (16, 16), dtype=torch.float32)])
+    # bitwise: per-sample arithmetic does not depend on the batch (see the batch-invariance test)
+    assert torch.equal(out.fused[[0, 1, 3]], clean.fused)
+    assert torch.equal(out.stats.nstep[[0, 1, 3]], clean.stats.nstep)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -160,7 +203,8 @@ def test_bf16_autocast():
     loss.backward()
     assert torch.isfinite(out.fused.float()).all()
     ref = fusion(xs).fused
-    assert rel_err(out.fused.float().detach(), ref.detach()) < 0.1    # bf16 matmuls, same fixed point
+    # bf16 matmuls (8-bit mantissa: relative rounding 3.9e-3), same fixed point: measured 3.8e-3
+    assert rel_err(out.fused.float().detach(), ref.detach()) < 2e-2
     assert all(torch.isfinite(p.grad).all() for p in fusion.parameters())
 
 
@@ -182,6 +226,7 @@ def test_torch_compile_of_a_model_containing_deqfusion():
     eager, _ = model(a, b)
     compiled = torch.compile(model, backend="inductor")
     out, jac = compiled(a, b)
-    assert torch.allclose(out, eager, atol=1e-4)
+    # float32, inductor's kernels reassociate sums: measured 1.7e-6 on outputs of size ~1
+    assert torch.allclose(out, eager, rtol=0, atol=2e-5)
     (out.sum() + jac).backward()
     assert model.enc.weight.grad is not None

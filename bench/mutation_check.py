@@ -29,15 +29,16 @@ M = [
 TESTS = ["tests/test_layer_reference.py", "tests/test_bench_smoke.py"]
 out = []
 for name, f, old, new in M:
-    p = ROOT / f; src = p.read_text()
+    p = ROOT / f
+    src = p.read_text()
     assert src.count(old) == 1, (name, src.count(old))
     try:
         p.write_text(src.replace(old, new))
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TESTS],
                            cwd=ROOT, capture_output=True, text=True)
         last = r.stdout.strip().splitlines()[-1]
-        failed = sorted({l.split("::")[0].split("/")[-1] + "::" + l.split("::")[1].split("[")[0].split(" ")[0]
-                         for l in r.stdout.splitlines() if l.startswith("FAILED")})
+        failed = sorted({ln.split("::")[0].split("/")[-1] + "::" + ln.split("::")[1].split("[")[0].split(" ")[0]
+                         for ln in r.stdout.splitlines() if ln.startswith("FAILED")})
     finally:
         p.write_text(src)
     out.append({"mutation": name, "summary": last, "failed_tests": failed})

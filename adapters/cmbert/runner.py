@@ -46,13 +46,14 @@ import time
 import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from .. import cmbert as adapter
 from ..common.report import GENERATED
 from . import data as mosi
+from ..common.run_context import patched_attrs as _patched_attrs, working_dir as _cwd, argv as _argv, torch_threads as _threads
 
 UPSTREAM_NAME = "cmbert"
 UPSTREAM_COMMIT = "3e44dce6b00431f88f8d5de12bef9706116fa97b"
@@ -185,51 +186,6 @@ class _OneDevice(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _patched_attrs(obj: Any, **new: Any) -> Iterator[None]:
-    old = {k: getattr(obj, k) for k in new}
-    for k, v in new.items():
-        setattr(obj, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(obj, k, v)
-
-
-@contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-@contextlib.contextmanager
-def _argv(argv: Sequence[str]) -> Iterator[None]:
-    old = sys.argv
-    sys.argv = list(argv)
-    try:
-        yield
-    finally:
-        sys.argv = old
-
-
-@contextlib.contextmanager
-def _threads(n: Optional[int]) -> Iterator[None]:
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager

@@ -33,13 +33,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import random
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -48,6 +47,7 @@ from .. import mmdynamics as adapter
 from ..common import report
 from ..common.cuda_shim import cuda_redirect, resolve_device
 from . import data as mogonet_data
+from ..common.run_context import patched_attrs as _patched_attrs, working_dir as _cwd, torch_threads as _threads, seed_everything
 
 UPSTREAM_NAME = "mmdynamics"
 UPSTREAM_COMMIT = "7f04084daa81ef6223902677ad9ddafc8797b3d2"
@@ -238,47 +238,6 @@ def prepare_workdir(spec: RunSpec, work: Path) -> Tuple[Path, int]:
         # validation rows first, then the real test rows: one upstream evaluation scores both
         _write_rows(folder / f"{stem}_te.csv", [rows_tr[i] for i in va] + rows_te)
     return folder, len(va)
-
-
-@contextlib.contextmanager
-def _patched_attrs(obj: Any, **new: Any) -> Iterator[None]:
-    old = {k: getattr(obj, k) for k in new}
-    for k, v in new.items():
-        setattr(obj, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(obj, k, v)
-
-
-@contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-@contextlib.contextmanager
-def _threads(n: Optional[int]) -> Iterator[None]:
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def run(

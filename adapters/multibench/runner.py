@@ -32,8 +32,6 @@ import importlib
 import inspect
 import io
 import math
-import os
-import random
 import re
 import runpy
 import sys
@@ -46,6 +44,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 from .. import multibench as adapter
 from ..common import import_standins
 from . import data as mmimdb
+from ..common.run_context import patched_attrs as _patched_attrs, working_dir as _cwd, torch_threads as _threads, seed_everything
 
 UPSTREAM_NAME = "multibench"
 UPSTREAM_COMMIT = "49f9be224f342de005b7f001281f33df4301eb22"
@@ -177,18 +176,6 @@ def _number(text: str) -> float:
 
 
 @contextlib.contextmanager
-def _patched_attrs(obj: Any, **new: Any) -> Iterator[None]:
-    old = {k: getattr(obj, k) for k in new}
-    for k, v in new.items():
-        setattr(obj, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(obj, k, v)
-
-
-@contextlib.contextmanager
 def upstream_imports(clone: Path) -> Iterator[None]:
     """MultiBench's top-level packages import from ``clone`` inside the block; sys.path and any modules of
     the same names (e.g. HuggingFace ``datasets``) are as before afterwards."""
@@ -207,40 +194,6 @@ def upstream_imports(clone: Path) -> Iterator[None]:
         for k in [k for k in sys.modules if ours(k)]:
             del sys.modules[k]
         sys.modules.update(saved_modules)
-
-
-@contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-@contextlib.contextmanager
-def _threads(n: Optional[int]) -> Iterator[None]:
-    import torch
-
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def remapped_dataset(base: type, splits: Dict[str, Any]) -> type:

@@ -26,6 +26,7 @@ from deqfusion.adapters import cmbert as A
 from deqfusion.adapters.cmbert import convert as C
 from deqfusion.adapters.cmbert import data as D
 from deqfusion.adapters.cmbert import runner as R
+from helpers_upstream import mirror_clone, git
 
 pytestmark = pytest.mark.mirror
 
@@ -42,45 +43,25 @@ def _need_extra():
             pytest.skip(f"{mod} is not installed: pip install -e '.[cmbert]' (after torch) runs CM-BERT's code")
 
 
-def _mirror() -> Path:
-    env = os.environ.get("DEQFUSION_MIRROR")
-    if not env:
-        pytest.skip("no mirror of thuiar/Cross-Modal-BERT: set DEQFUSION_MIRROR to a clone or a folder of clones")
-    root = Path(env).expanduser()
-    for cand in (root, root / "cmbert", root / "thuiar+Cross-Modal-BERT"):
-        for repo in (cand, cand / "repo", cand / "repo.git"):
-            if (repo / ".git").exists() or (repo / "HEAD").is_file():
-                ok = subprocess.run(["git", "-C", str(repo), "cat-file", "-e", PIN + "^{commit}"], capture_output=True)
-                if ok.returncode == 0:
-                    return repo
-    pytest.skip(f"DEQFUSION_MIRROR={env} holds no Cross-Modal-BERT clone with commit {PIN[:7]}")
-
-
-def _git(cwd: Path, *args: str) -> str:
-    out = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True)
-    assert out.returncode == 0, f"git {' '.join(args)} failed: {out.stderr}"
-    return out.stdout
-
-
 @pytest.fixture(scope="module")
 def clones(tmp_path_factory):
     """(pristine, patched) checkouts of the pin. The audio pickle is left out of the checkout when the
     mirror lacks its blob (snapshots without files of 4 MiB or more)."""
-    mirror = _mirror()
-    blob = _git(mirror, "rev-parse", f"{PIN}:{D.AUDIO_FILE.as_posix()}").strip()
+    mirror = mirror_clone("cmbert", PIN)
+    blob = git(mirror, "rev-parse", f"{PIN}:{D.AUDIO_FILE.as_posix()}").strip()
     has_pickle = subprocess.run(["git", "-C", str(mirror), "cat-file", "-e", blob], capture_output=True).returncode == 0
     out = {}
     for name in ("pristine", "patched"):
         dst = tmp_path_factory.mktemp("cmbert") / name
-        _git(dst.parent, "clone", "-q", "--no-checkout", str(mirror), str(dst))
-        _git(dst, "sparse-checkout", "set", "--no-cone", "/*", *([] if has_pickle else ["!" + D.AUDIO_FILE.as_posix()]))
+        git(dst.parent, "clone", "-q", "--no-checkout", str(mirror), str(dst))
+        git(dst, "sparse-checkout", "set", "--no-cone", "/*", *([] if has_pickle else ["!" + D.AUDIO_FILE.as_posix()]))
         subprocess.run(["git", "-C", str(dst), "checkout", "-q", "-b", "deqfusion", PIN], capture_output=True)
         assert (dst / "model.py").is_file() and (dst / "run_classifier.py").is_file()
-        assert _git(dst, "rev-parse", "HEAD").strip() == PIN
+        assert git(dst, "rev-parse", "HEAD").strip() == PIN
         out[name] = dst
     for patch in PATCHES:
-        _git(out["patched"], "apply", "--check", str(patch))
-        _git(out["patched"], "apply", str(patch))
+        git(out["patched"], "apply", "--check", str(patch))
+        git(out["patched"], "apply", str(patch))
     out["has_pickle"] = has_pickle
     return out
 
@@ -94,7 +75,7 @@ def test_the_real_text_split_is_at_the_pin(clones):
 
 def test_patch_adds_four_lines_to_model_py_only(clones):
     assert PATCHES, "no patches/cmbert/*.patch"
-    stat = _git(clones["patched"], "diff", "--numstat").split()
+    stat = git(clones["patched"], "diff", "--numstat").split()
     assert stat == ["4", "0", "model.py"], stat                      # 4 insertions, 0 deletions, one file
     text = (clones["patched"] / "model.py").read_text(encoding="utf-8")
     assert "self.fusion = deq_adapter.build_fusion()" in text

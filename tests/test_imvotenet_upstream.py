@@ -25,16 +25,11 @@ from deqfusion.upstream.manifest import load_manifest
 from deqfusion.upstream.sources import MIRROR_ENV, find_in_mirror
 
 from helpers_envs import env_python
+from helpers_upstream import git
 
 pytestmark = pytest.mark.mirror
 ROOT = Path(__file__).resolve().parents[1]
 PIN = R.UPSTREAM_COMMIT
-
-
-def _git(cwd: Path, *args: str) -> str:
-    out = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True)
-    assert out.returncode == 0, f"git {' '.join(args)} failed: {out.stderr}"
-    return out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +46,8 @@ def clones(tmp_path_factory):
         pytest.skip(f"{MIRROR_ENV}={env} holds no clone of facebookresearch/imvotenet")
     base = tmp_path_factory.mktemp("imvotenet")
     pristine = base / "pristine"
-    _git(base, "clone", "-q", str(mirror), str(pristine))
-    _git(pristine, "checkout", "-q", PIN)
+    git(base, "clone", "-q", str(mirror), str(pristine))
+    git(pristine, "checkout", "-q", PIN)
     patched = base / "imvotenet"
     assert main(["apply", "imvotenet", "--source", str(mirror), "--dest", str(patched)]) == 0
     return {"pristine": pristine, "patched": patched}
@@ -60,9 +55,9 @@ def clones(tmp_path_factory):
 
 def test_patch_touches_only_the_fusion_site_the_constructor_and_the_loss(clones):
     patched = clones["patched"]
-    assert _git(patched, "rev-parse", "HEAD~1").strip() == PIN
-    assert _git(patched, "diff", "--name-only", PIN, "HEAD").split() == ["models/imvotenet.py"]
-    stat = _git(patched, "diff", "--numstat", PIN, "HEAD").split()
+    assert git(patched, "rev-parse", "HEAD~1").strip() == PIN
+    assert git(patched, "diff", "--name-only", PIN, "HEAD").split() == ["models/imvotenet.py"]
+    stat = git(patched, "diff", "--numstat", PIN, "HEAD").split()
     assert int(stat[0]) <= 6 and int(stat[1]) <= 3, stat  # 6 lines added, 3 changed: the smallest honest patch
     text = (patched / "models" / "imvotenet.py").read_text()
     assert "torch.cat((pc_features, img_features), 1)" not in text
@@ -208,4 +203,4 @@ def test_train_and_eval_through_the_upstreams_own_scripts(clones, tmp_path, caps
     table = printed.out
     assert "generated data, not a result" in table and "| 61.9 | 45.6 |" in table and "| 62.7 | 46.4 |" in table
     assert (out / "table.md").is_file()
-    assert not _git(clones["patched"], "status", "--porcelain").strip()  # nothing written into the clone
+    assert not git(clones["patched"], "status", "--porcelain").strip()  # nothing written into the clone

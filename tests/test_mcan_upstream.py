@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch
 from deqfusion.adapters import mcan as A
 from deqfusion.adapters.common.report import GENERATED
 from deqfusion.adapters.mcan import compat, data as D, runner as R
+from helpers_upstream import mirror_clone, git
 
 pytestmark = [
     pytest.mark.mirror,
@@ -32,48 +32,28 @@ PATCHES = sorted((ROOT / "patches" / "mcan").glob("*.patch"))
 PIN = R.UPSTREAM_COMMIT
 
 
-def _mirror() -> Path:
-    env = os.environ.get("DEQFUSION_MIRROR")
-    if not env:
-        pytest.skip("no mirror of MILVLG/mcan-vqa: set DEQFUSION_MIRROR to a clone or a folder of clones")
-    root = Path(env).expanduser()
-    for cand in (root, root / "mcan", root / "MILVLG+mcan-vqa"):
-        for repo in (cand, cand / "repo", cand / "repo.git"):
-            if (repo / ".git").exists() or (repo / "HEAD").is_file():
-                ok = subprocess.run(["git", "-C", str(repo), "cat-file", "-e", PIN + "^{commit}"], capture_output=True)
-                if ok.returncode == 0:
-                    return repo
-    pytest.skip(f"DEQFUSION_MIRROR={env} holds no mcan-vqa clone with commit {PIN[:7]}")
-
-
-def _git(cwd: Path, *args: str) -> str:
-    out = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True)
-    assert out.returncode == 0, f"git {' '.join(args)} failed: {out.stderr}"
-    return out.stdout
-
-
 @pytest.fixture(scope="module")
 def clones(tmp_path_factory):
     """(pristine, patched) checkouts of the pinned commit (the 250 kB figure under misc/ left out)."""
-    mirror = _mirror()
+    mirror = mirror_clone("mcan", PIN)
     out = {}
     for name in ("pristine", "patched"):
         dst = tmp_path_factory.mktemp("mcan") / name
-        _git(dst.parent, "clone", "-q", "--no-checkout", str(mirror), str(dst))
-        _git(dst, "sparse-checkout", "set", "--no-cone", "/*", "!misc/")
-        _git(dst, "checkout", "-q", "-b", "deqfusion", PIN)
-        assert _git(dst, "rev-parse", "HEAD").strip() == PIN
+        git(dst.parent, "clone", "-q", "--no-checkout", str(mirror), str(dst))
+        git(dst, "sparse-checkout", "set", "--no-cone", "/*", "!misc/")
+        git(dst, "checkout", "-q", "-b", "deqfusion", PIN)
+        assert git(dst, "rev-parse", "HEAD").strip() == PIN
         out[name] = dst
     for patch in PATCHES:
-        _git(out["patched"], "apply", "--check", str(patch))
-        _git(out["patched"], "apply", str(patch))
+        git(out["patched"], "apply", "--check", str(patch))
+        git(out["patched"], "apply", str(patch))
     return out
 
 
 def test_patch_touches_the_fusion_call_constructor_and_loss_line_only(clones):
     assert PATCHES, "no patches/mcan/*.patch"
-    assert _git(clones["patched"], "diff", "--name-only").split() == ["core/exec.py", "core/model/net.py"]
-    stat = _git(clones["patched"], "diff", "--numstat").split()
+    assert git(clones["patched"], "diff", "--name-only").split() == ["core/exec.py", "core/model/net.py"]
+    stat = git(clones["patched"], "diff", "--numstat").split()
     assert sum(int(x) for x in stat[0::3]) == 5 and sum(int(x) for x in stat[1::3]) == 2   # 5 lines in, 2 out
     net = (clones["patched"] / "core/model/net.py").read_text()
     assert "proj_feat = lang_feat + img_feat" not in net

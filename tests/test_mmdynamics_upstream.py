@@ -19,6 +19,7 @@ import torch
 from deqfusion.adapters import mmdynamics as A
 from deqfusion.adapters.mmdynamics import runner as R
 from deqfusion.adapters.mmdynamics import data as md
+from helpers_upstream import mirror_clone, git
 
 pytestmark = pytest.mark.mirror
 
@@ -28,49 +29,29 @@ PATCHES = sorted((ROOT / "patches" / "mmdynamics").glob("*.patch"))
 PIN = R.UPSTREAM_COMMIT
 
 
-def _mirror() -> Path:
-    env = os.environ.get("DEQFUSION_MIRROR")
-    if not env:
-        pytest.skip("no mirror of TencentAILabHealthcare/mmdynamics: set DEQFUSION_MIRROR to a clone or a folder of clones")
-    root = Path(env).expanduser()
-    for cand in (root, root / "mmdynamics", root / "TencentAILabHealthcare+mmdynamics"):
-        for repo in (cand, cand / "repo", cand / "repo.git"):
-            if (repo / ".git").exists() or (repo / "HEAD").is_file():
-                ok = subprocess.run(["git", "-C", str(repo), "cat-file", "-e", PIN + "^{commit}"], capture_output=True)
-                if ok.returncode == 0:
-                    return repo
-    pytest.skip(f"DEQFUSION_MIRROR={env} holds no mmdynamics clone with commit {PIN[:7]}")
-
-
-def _git(cwd: Path, *args: str) -> str:
-    out = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True)
-    assert out.returncode == 0, f"git {' '.join(args)} failed: {out.stderr}"
-    return out.stdout
-
-
 @pytest.fixture(scope="module")
 def clones(tmp_path_factory):
     """(pristine, patched) checkouts of the pinned commit. The .pt checkpoints are left out (sparse
     checkout): they are not needed, and snapshots of the repository may lack their large blobs."""
-    mirror = _mirror()
+    mirror = mirror_clone("mmdynamics", PIN)
     out = {}
     for name in ("pristine", "patched"):
         dst = tmp_path_factory.mktemp("mmdynamics") / name
-        _git(dst.parent, "clone", "-q", "--no-checkout", str(mirror), str(dst))
-        _git(dst, "sparse-checkout", "set", "--no-cone", "/*", "!*.pt")
+        git(dst.parent, "clone", "-q", "--no-checkout", str(mirror), str(dst))
+        git(dst, "sparse-checkout", "set", "--no-cone", "/*", "!*.pt")
         subprocess.run(["git", "-C", str(dst), "checkout", "-q", "-b", "deqfusion", PIN], capture_output=True)
         assert (dst / "model.py").is_file() and (dst / "train_test.py").is_file()
-        assert _git(dst, "rev-parse", "HEAD").strip() == PIN
+        assert git(dst, "rev-parse", "HEAD").strip() == PIN
         out[name] = dst
     for patch in PATCHES:
-        _git(out["patched"], "apply", "--check", str(patch))
-        _git(out["patched"], "apply", str(patch))
+        git(out["patched"], "apply", "--check", str(patch))
+        git(out["patched"], "apply", str(patch))
     return out
 
 
 def test_patch_applies_to_pinned_commit(clones):
     assert PATCHES, "no patches/mmdynamics/*.patch"
-    changed = _git(clones["patched"], "diff", "--name-only").split()
+    changed = git(clones["patched"], "diff", "--name-only").split()
     assert changed == ["model.py"]
     text = (clones["patched"] / "model.py").read_text()
     assert "deq_adapter.build_fusion(self.views, hidden_dim[0])" in text

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,17 +23,12 @@ from deqfusion.adapters.common import import_standins as S
 from deqfusion.adapters.common.report import GENERATED
 from deqfusion.adapters.multibench import data as D
 from deqfusion.adapters.multibench import runner as R
+from helpers_upstream import git
 
 pytestmark = [pytest.mark.mirror, pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")]
 
 ROOT = Path(__file__).resolve().parents[1]
 PIN = R.UPSTREAM_COMMIT
-
-
-def _git(cwd: Path, *args: str) -> str:
-    out = subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True)
-    assert out.returncode == 0, f"git {' '.join(args)} failed: {out.stderr}"
-    return out.stdout
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,7 @@ def clone(tmp_path_factory):
 
     dest = tmp_path_factory.mktemp("upstream") / "multibench"
     assert main(["apply", "multibench", "--source", str(mirror), "--dest", str(dest)]) == 0
-    assert _git(dest, "rev-parse", "HEAD~1").strip() == PIN
+    assert git(dest, "rev-parse", "HEAD~1").strip() == PIN
     return dest
 
 
@@ -64,7 +58,7 @@ def tiny(tmp_path_factory):
 
 
 def test_patch_touches_only_the_example(clone):
-    changed = _git(clone, "diff", "--name-only", PIN, "HEAD").split()
+    changed = git(clone, "diff", "--name-only", PIN, "HEAD").split()
     assert changed == [R.EXAMPLE]
     text = (clone / R.EXAMPLE).read_text()
     assert "deq_adapter.build_fusion(Concat(), [512, 512])" in text and "fusion = Concat().cuda()" not in text

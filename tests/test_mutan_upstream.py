@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -19,21 +18,9 @@ import pytest
 from deqfusion.adapters.common.report import GENERATED
 from deqfusion.adapters.mutan import SAMPLE_KEYS, UPSTREAM_COMMIT
 from helpers_envs import env_python, run_pytest_in
+from helpers_upstream import mirror_clone
 
 pytestmark = pytest.mark.mirror
-
-
-def _mirror() -> Path:
-    from deqfusion.upstream.manifest import load_manifest
-    from deqfusion.upstream.sources import find_in_mirror
-
-    env = os.environ.get("DEQFUSION_MIRROR")
-    if not env:
-        pytest.skip("no mirror of Cadene/block.bootstrap.pytorch: set DEQFUSION_MIRROR to a folder of clones")
-    found = find_in_mirror(load_manifest().get("mutan"), Path(env))
-    if found is None:
-        pytest.skip(f"DEQFUSION_MIRROR={env} holds no clone of Cadene/block.bootstrap.pytorch")
-    return Path(found)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +28,7 @@ def clone(tmp_path_factory):
     """``./apply_patches.sh mutan`` (plugin route: the pinned commit on branch deqfusion, no patch)."""
     from deqfusion.upstream.cli import main
 
-    mirror = _mirror()
+    mirror = mirror_clone("mutan", UPSTREAM_COMMIT)
     dest = tmp_path_factory.mktemp("mutan") / "block"
     assert main(["apply", "mutan", "--source", str(mirror), "--dest", str(dest)]) == 0
     head = subprocess.run(["git", "-C", str(dest), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelLinear", "ModalityBlock", "FusionBlock"]
+__all__ = ["ChannelLinear", "GroupNorm", "ModalityBlock", "FusionBlock"]
 
 _ROW_BLOCK = 4
 
@@ -44,6 +44,26 @@ class ChannelLinear(nn.Linear):
         return out.reshape(x.shape[0], self.out_features, *x.shape[2:])
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and state dict) with a faster path for (B, C) inputs.
+
+    On CPU, torch's group_norm kernel for a (B, C) tensor costs about three times a row-wise
+    layer_norm of its (B, G, C/G) view (and its backward likewise); the two compute the same
+    normalisation (equal in float64 to 1e-15), so (B, C) states take layer_norm plus the affine
+    map. Inputs with spatial axes keep the native kernel, which is the faster one there.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            return super().forward(x)
+        rows, channels = x.shape
+        y = F.layer_norm(x.reshape(rows, self.num_groups, channels // self.num_groups),
+                         (channels // self.num_groups,), eps=self.eps).view(rows, channels)
+        if not self.affine:
+            return y
+        return torch.addcmul(self.bias, y, self.weight)
+
+
 class ModalityBlock(nn.Module):
     """f_theta_i(z_i; x_i) = GN(ReLU(GN(Lin(ReLU(GN(Lin(z_i)))) + x_i) [+ z_i]))  (paper Eq. 8).
 
@@ -57,10 +77,10 @@ class ModalityBlock(nn.Module):
         super().__init__()
         self.input_scale = input_scale
         self.lin1 = ChannelLinear(dim, dim)
-        self.norm1 = nn.GroupNorm(num_groups, dim)
+        self.norm1 = GroupNorm(num_groups, dim)
         self.lin2 = ChannelLinear(dim, dim)
-        self.norm2 = nn.GroupNorm(num_groups, dim)
-        self.norm3 = nn.GroupNorm(num_groups, dim)
+        self.norm2 = GroupNorm(num_groups, dim)
+        self.norm3 = GroupNorm(num_groups, dim)
         self.residual = residual
 
     def forward(self, z: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -88,7 +108,7 @@ class FusionBlock(nn.Module):
         super().__init__()
         self.gate = ChannelLinear(dim, dim) if gate else None
         self.fuse = ChannelLinear(dim, dim)
-        self.norm = nn.GroupNorm(num_groups, dim)
+        self.norm = GroupNorm(num_groups, dim)
 
     def forward(self, z_fuse: torch.Tensor, z_modalities: List[torch.Tensor], x_fuse: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -74,7 +74,8 @@ class FusionConfig:
     dropout: float = 0.0
     # forward solve
     f_solver: str = "anderson"
-    f_max_iter: int = 55
+    f_max_iter: int = 55        # training solve; 0 = no solve, one step from the start state (continuation)
+    eval_f_max_iter: Optional[int] = None   # the solve outside training (None = f_max_iter), as in torchdeq
     f_tol: float = 1e-5
     f_stop_mode: str = "rel"
     # backward (adjoint) solve
@@ -145,6 +146,11 @@ class FusionConfig:
             return "unrolled"
         return "deq"
 
+    @property
+    def eval_max_iter(self) -> int:
+        """Forward solver steps outside training (eval mode): eval_f_max_iter, else f_max_iter."""
+        return self.f_max_iter if self.eval_f_max_iter is None else self.eval_f_max_iter
+
     def solver_kwargs(self, which: str) -> Dict[str, Any]:
         """Keyword arguments for deqfusion.solvers.solve() for the forward ('f') or backward ('b') solve."""
         name = getattr(self, f"{which}_solver")
@@ -180,10 +186,18 @@ class FusionConfig:
         for which in ("f", "b"):
             solver = getattr(self, f"{which}_solver")
             need(solver in SOLVERS, f"{which}_solver={solver!r} is unknown; choose one of {sorted(SOLVERS)}")
-            need(getattr(self, f"{which}_max_iter") >= 1, f"{which}_max_iter must be >= 1")
+            least = 0 if which == "f" else 1
+            need(isinstance(getattr(self, f"{which}_max_iter"), int) and getattr(self, f"{which}_max_iter") >= least,
+                 f"{which}_max_iter must be an int >= {least}" + (" (0: no training solve, see eval_f_max_iter)"
+                                                                  if which == "f" else ""))
             need(getattr(self, f"{which}_tol") >= 0, f"{which}_tol must be >= 0")
             mode = getattr(self, f"{which}_stop_mode")
             need(mode in STOP_MODES, f"{which}_stop_mode={mode!r} is unknown; choose one of {STOP_MODES}")
+        need(self.eval_f_max_iter is None or (isinstance(self.eval_f_max_iter, int) and self.eval_f_max_iter >= 1),
+             f"eval_f_max_iter must be an int >= 1 (or None: f_max_iter), got {self.eval_f_max_iter!r}")
+        need(self.f_max_iter >= 1 or self.eval_f_max_iter is not None,
+             "f_max_iter=0 (training takes one step of the map from the start state, no solve) needs a solve for "
+             "evaluation: set eval_f_max_iter too, e.g. f_max_iter=0, eval_f_max_iter=12")
         need(self.anderson_m >= 1, "anderson_m must be >= 1")
         need(self.anderson_lam >= 0, "anderson_lam must be >= 0")
         need(0 < self.anderson_beta <= 1, "anderson_beta must be in (0, 1]")

@@ -60,17 +60,19 @@ def _attach_implicit_grad(f, z_star: torch.Tensor, cfg: FusionConfig, stats: Sol
                           restrict=None):
     """One differentiable evaluation f(z*), the Jacobian term, and the implicit backward.
 
-    Kept out of torch.compile graphs: the Jacobian term needs double backward, which compiled
-    (aot_autograd) graphs do not support, and the adjoint solve re-enters autograd.
+    Returns (output, Jacobian term or None, f(z*) detached). Kept out of torch.compile graphs:
+    the Jacobian term needs double backward, which compiled (aot_autograd) graphs do not support,
+    and the adjoint solve re-enters autograd.
     """
     if cfg.backward == "phantom":
         return _phantom_grad(f, z_star, cfg, with_jac)
     z_star = z_star.detach().requires_grad_()
     fz = f(z_star)
     jac = jacobian_frobenius(fz, z_star, probes=cfg.jac_probes) if with_jac else None
+    first = fz.detach()
     fz = implicit_backward(fz, z_star, solver=cfg.b_solver, solver_kwargs=cfg.solver_kwargs("b"),
                            sink=lambda s: setattr(stats, "backward", s), restrict=restrict)
-    return fz, jac
+    return fz, jac, first
 
 
 def _phantom_grad(f, z_star: torch.Tensor, cfg: FusionConfig, with_jac: bool):
@@ -79,12 +81,13 @@ def _phantom_grad(f, z_star: torch.Tensor, cfg: FusionConfig, with_jac: bool):
     One step with tau = 1 is Jacobian-free backprop; the value is f(z*) then, as with IFT."""
     z0 = z_star.detach().requires_grad_(with_jac)
     fz = f(z0)
+    first = fz.detach()
     jac = jacobian_frobenius(fz, z0, probes=cfg.jac_probes) if with_jac else None
     tau = cfg.phantom_tau
     z = fz if tau == 1.0 else (1 - tau) * z0 + tau * fz
     for _ in range(cfg.phantom_steps - 1):
         z = f(z) if tau == 1.0 else (1 - tau) * z + tau * f(z)
-    return z, jac
+    return z, jac, first
 
 
 class DEQFusion(nn.Module):
@@ -251,20 +254,30 @@ class DEQFusion(nn.Module):
                          dtype=self._state_dtype(xs[0]))
         needs_grad = torch.is_grad_enabled() and (
             any(p.requires_grad for p in self.parameters()) or any(x.requires_grad for x in xs))
+        steps = cfg.f_max_iter if self.training else cfg.eval_max_iter
+        if steps == 0:
+            return self._continue(f, restrict, xs, z0, z_init, sample_ids, needs_grad, zero)
         with torch.no_grad():
             z0, f_first, start = self._warm_start(f, restrict, z0, z_init, sample_ids)
             # f(z*) comes from the solver's bookkeeping when no graph is needed (saves an
             # evaluation of f); with grad it is recomputed with the graph anyway
             z_star, fz_star, stats = solve(cfg.f_solver, f_first, z0, restrict=restrict, keep_fz=not needs_grad,
-                                           **cfg.solver_kwargs("f"))
+                                           **dict(cfg.solver_kwargs("f"), max_iter=steps))
             stats.start = start
         jac_loss = zero
         if needs_grad:
-            with_jac = self.training and cfg.jac_reg and (cfg.jac_freq >= 1.0 or random.random() < cfg.jac_freq)
-            fz, jac = _attach_implicit_grad(f, z_star, cfg, stats, with_jac, restrict)
+            fz, jac, _ = _attach_implicit_grad(f, z_star, cfg, stats, self._with_jac(), restrict)
             jac_loss = jac if jac is not None else zero
         else:
             fz = fz_star
+        return self._finish(fz, jac_loss, stats, sample_ids, unpack)
+
+    def _with_jac(self) -> bool:
+        """Whether this training call computes the Jacobian term (every call, or with probability jac_freq)."""
+        cfg = self.config
+        return self.training and cfg.jac_reg and (cfg.jac_freq >= 1.0 or random.random() < cfg.jac_freq)
+
+    def _finish(self, fz, jac_loss, stats: SolverStats, sample_ids, unpack) -> FusionOutput:
         # the state the output is read from: f(z*) (or the phantom steps' end), one step past z* --
         # so a warm start from it also advances a solve that stopped at its step cap
         stats.state = fz.detach()
@@ -275,17 +288,73 @@ class DEQFusion(nn.Module):
             log.debug("DEQFusion forward: %s", stats.summary())
         return FusionOutput(self._fused(unpack(fz)), jac_loss, stats)
 
+    def _continue(self, f, restrict, xs, z0, z_init, sample_ids, needs_grad, zero) -> FusionOutput:
+        """Training with f_max_iter=0: no solve, one step of the map (with its backward) from the start state.
+
+        With warm starts this is fixed-point continuation: each visit of a sample moves its stored
+        state one step further, so over training the state follows the fixed point of the
+        current weights, at the cost of the backward's own evaluation of f. A stored state is used
+        where it is finite (and young enough); one whose step turns out no better than zeros
+        (relative residual above 1, or non-finite) is rejected and that call is redone from zeros
+        for it. The statistics are those of the step: the residual ||f(z0) - z0|| of the start state.
+        """
+        cfg = self.config
+        _, unpack = self._packers(xs[0])
+        batch, dev = z0.shape[0], z0.device
+        start = torch.full((batch,), int(Start.COLD), dtype=torch.long, device=dev)
+        offered = self._start_candidates(z0, z_init, sample_ids)
+        if offered is not None:
+            cand, given, usable = offered
+            ok = usable & torch.isfinite(cand).all(dim=1)
+            z0 = torch.where(ok.view(-1, 1), cand, z0)
+            start = torch.where(ok, int(Start.WARM), torch.where(given, int(Start.REJECTED), start))
+        with_jac = needs_grad and self._with_jac()
+        for attempt in range(2):
+            tracker = ConvergenceTracker(z0, max_iter=1, tol=cfg.f_tol, stop_mode=cfg.f_stop_mode,
+                                         divergence_factor=cfg.divergence_factor, keep_fz=False)
+            stats = SolverStats.empty(batch, dev)      # the adjoint sink's target until the step's own stats exist
+            if needs_grad:
+                fz, jac, first = _attach_implicit_grad(f, z0, cfg, stats, with_jac, restrict)
+            else:
+                with torch.no_grad():
+                    fz = first = f(z0)
+                jac = None
+            tracker.update(z0, first)
+            _, _, step_stats = tracker.finish(cfg.f_solver)
+            bad = (start == int(Start.WARM)) & ~(step_stats.rel_lowest <= 1.0)
+            if attempt == 1 or not bool(bad.any()):
+                break
+            z0 = torch.where(bad.view(-1, 1), torch.zeros_like(z0), z0)
+            start = torch.where(bad, int(Start.REJECTED), start)
+        # the adjoint's stats reach `stats` when backward runs: forward them to the returned object
+        for name in ("nstep", "abs_lowest", "rel_lowest", "status", "abs_trace", "rel_trace", "solver",
+                     "stop_mode", "tol", "num_evals"):
+            setattr(stats, name, getattr(step_stats, name))
+        stats.num_evals = step_stats.num_evals * (attempt + 1)
+        stats.start = start
+        return self._finish(fz, jac if jac is not None else zero, stats, sample_ids, unpack)
+
     def _warm_start(self, f, restrict, z0: torch.Tensor, z_init, sample_ids):
         """(start state, f for the solver, per-sample Start codes): zeros, or the given / stored states
         where they are usable (see warm_start.choose_start)."""
         batch = z0.shape[0]
         cold = torch.full((batch,), int(Start.COLD), dtype=torch.long, device=z0.device)
+        offered = self._start_candidates(z0, z_init, sample_ids)
+        if offered is None:
+            return z0, f, cold
+        cand, given, usable = offered
+        z0, fz0, start = choose_start(f, restrict, given, cand, usable)
+        return z0, first_call_returns(f, fz0), start
+
+    def _start_candidates(self, z0: torch.Tensor, z_init, sample_ids):
+        """(candidate states, given, usable) from `z_init` or the store, or None when none is offered."""
+        batch = z0.shape[0]
         store = self.warm_store
         if sample_ids is not None and store is None:
             raise ValueError("sample_ids were passed but this DEQFusion keeps no warm-start store: build it with "
                              "warm_start=True (or pass z_init yourself)")
         if z_init is None and sample_ids is None:
-            return z0, f, cold
+            return None
         if z_init is not None:
             if not isinstance(z_init, torch.Tensor) or tuple(z_init.shape) != tuple(z0.shape):
                 got = tuple(z_init.shape) if isinstance(z_init, torch.Tensor) else type(z_init).__name__
@@ -299,9 +368,8 @@ class DEQFusion(nn.Module):
             cand, given, age = store.lookup(sample_ids, z0)
             usable = given & ((age <= store.max_age) if store.max_age > 0 else given)
         if not bool(given.any()):
-            return z0, f, cold
-        z0, fz0, start = choose_start(f, restrict, given, cand, usable)
-        return z0, first_call_returns(f, fz0), start
+            return None
+        return cand, given, usable
 
     def _unrolled(self, xs, x_fuse, masks, zero, steps: int) -> FusionOutput:
         """Weight-tied network: `steps` applications of the map from zeros, backprop through all."""

@@ -410,7 +410,7 @@ def trace_residuals(deq: torch.nn.Module, xs: Sequence[torch.Tensor], *, solver:
 
     cfg = deq.config
     opts = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("dim", "num_modalities")}
-    opts.update(mode="deq", f_solver=solver, f_max_iter=steps, f_tol=0.0, divergence_factor=1e30)
+    opts.update(mode="deq", f_solver=solver, f_max_iter=steps, eval_f_max_iter=None, f_tol=0.0, divergence_factor=1e30)
     probe = DEQFusion(dim=cfg.dim, num_modalities=cfg.num_modalities, **opts)
     probe.load_state_dict(deq.state_dict())
     probe.to(xs[0].device).eval()

@@ -48,9 +48,10 @@ TABLE9_STEPS = (1, 10, 20, 40, 100)
 # BRCA: the paper's (Jacobian weight 20, at most 105 forward / 106 adjoint steps).
 # ROSMAP (not in the paper): weight 20 collapses the fusion to a constant there, so 0.1 (chosen on a
 # validation split, seed 0; the paper's MM-IMDB value), and 12/12 solver steps to fit the time budget.
-# Kept after measuring the cheap settings (warm starts + phantom gradients + 3-4 forward steps, 5-6x the
-# baseline instead of 21x): none matched this setting's validation accuracy on seeds 0-2
-# (docs/mmdynamics.md, "Cheaper DEQ training"); they stay opt-in through --option / --jac-weight.
+# Kept after measuring the cheap settings (warm starts + phantom gradients + 3-4 forward steps, or no
+# training solve at all: 3-6x the baseline instead of 19x): none matched this setting's validation
+# accuracy -- the best, 3 steps with weight 1, was 4.3 points lower on 9 of 10 seeds (docs/mmdynamics.md,
+# "Cheaper DEQ training"); they stay opt-in through --option / --jac-weight.
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "BRCA": {"jac_weight": adapter.PAPER_JAC_WEIGHT, "options": {}},
     "ROSMAP": {"jac_weight": 0.1, "options": {"f_max_iter": 12, "b_max_iter": 12}},

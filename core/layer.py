@@ -320,7 +320,7 @@ class DEQFusion(nn.Module):
                     fz = first = f(z0)
                 jac = None
             tracker.update(z0, first)
-            _, _, step_stats = tracker.finish(cfg.f_solver)
+            _, _, step_stats = tracker.finish("one_step")   # no solver ran: the statistics of the one step
             bad = (start == int(Start.WARM)) & ~(step_stats.rel_lowest <= 1.0)
             if attempt == 1 or not bool(bad.any()):
                 break

@@ -57,7 +57,7 @@ def test_no_solve_training_is_k_damped_steps_from_the_given_state_differentiated
         fz0 = f(z0)
     rel = (fz0 - z0).norm(dim=1) / fz0.norm(dim=1)
     assert torch.allclose(out.stats.rel_lowest.double(), rel, rtol=1e-6)
-    assert out.stats.nstep.tolist() == [1] * 5 and out.stats.num_evals == 1
+    assert out.stats.nstep.tolist() == [1] * 5 and out.stats.num_evals == 1 and out.stats.solver == "one_step"
     assert (out.stats.start == Start.WARM).all()
 
 

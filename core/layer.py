@@ -328,9 +328,9 @@ class DEQFusion(nn.Module):
             start = torch.where(bad, int(Start.REJECTED), start)
         # the adjoint's stats reach `stats` when backward runs: forward them to the returned object
         for name in ("nstep", "abs_lowest", "rel_lowest", "status", "abs_trace", "rel_trace", "solver",
-                     "stop_mode", "tol", "num_evals"):
+                     "stop_mode", "tol"):
             setattr(stats, name, getattr(step_stats, name))
-        stats.num_evals = step_stats.num_evals * (attempt + 1)
+        stats.num_evals = step_stats.num_evals * (attempt + 1)     # a redone step counts its first try too
         stats.start = start
         return self._finish(fz, jac if jac is not None else zero, stats, sample_ids, unpack)
 

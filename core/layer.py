@@ -256,7 +256,7 @@ class DEQFusion(nn.Module):
             any(p.requires_grad for p in self.parameters()) or any(x.requires_grad for x in xs))
         steps = cfg.f_max_iter if self.training else cfg.eval_max_iter
         if steps == 0:
-            return self._continue(f, restrict, xs, z0, z_init, sample_ids, needs_grad, zero)
+            return self._continue(f, restrict, unpack, z0, z_init, sample_ids, needs_grad, zero)
         with torch.no_grad():
             z0, f_first, start = self._warm_start(f, restrict, z0, z_init, sample_ids)
             # f(z*) comes from the solver's bookkeeping when no graph is needed (saves an
@@ -288,7 +288,7 @@ class DEQFusion(nn.Module):
             log.debug("DEQFusion forward: %s", stats.summary())
         return FusionOutput(self._fused(unpack(fz)), jac_loss, stats)
 
-    def _continue(self, f, restrict, xs, z0, z_init, sample_ids, needs_grad, zero) -> FusionOutput:
+    def _continue(self, f, restrict, unpack, z0, z_init, sample_ids, needs_grad, zero) -> FusionOutput:
         """Training with f_max_iter=0: no solve, one step of the map (with its backward) from the start state.
 
         With warm starts this is fixed-point continuation: each visit of a sample moves its stored
@@ -299,7 +299,6 @@ class DEQFusion(nn.Module):
         for it. The statistics are those of the step: the residual ||f(z0) - z0|| of the start state.
         """
         cfg = self.config
-        _, unpack = self._packers(xs[0])
         batch, dev = z0.shape[0], z0.device
         start = torch.full((batch,), int(Start.COLD), dtype=torch.long, device=dev)
         offered = self._start_candidates(z0, z_init, sample_ids)

@@ -56,7 +56,7 @@ def build(batch: int, dim: int, modalities: int, options: Dict[str, Any], seed: 
 
 
 def profile(fusion, xs, *, steps: int, jac_weight: float) -> Dict[str, Any]:
-    """Per-call CPU seconds and grouped shares of a no-grad solve and of a training step."""
+    """CPU ms per call, solver steps and grouped operator shares of a no-grad solve and of a training step."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -72,8 +72,8 @@ def profile(fusion, xs, *, steps: int, jac_weight: float) -> Dict[str, Any]:
             return fusion(xs, sample_ids=ids)
 
     result: Dict[str, Any] = {}
-    for name, fn, mode in (("no-grad solve", solve, "eval"), ("training step", train_step, "train")):
-        fusion.train(mode == "train")
+    for name, fn, training in (("no-grad solve", solve, False), ("training step", train_step, True)):
+        fusion.train(training)
         for _ in range(2):                       # warm-up: allocator, the warm store
             out = fn()
         t = time.process_time()
@@ -87,7 +87,7 @@ def profile(fusion, xs, *, steps: int, jac_weight: float) -> Dict[str, Any]:
         total = sum(groups.values()) or 1.0
         result[name] = {
             "ms_per_call": per_call * 1e3,
-            "map_evals": float(out.stats.nstep.float().max()),
+            "solver_steps": float(out.stats.nstep.float().max()),
             "share": {g: groups.get(g, 0.0) / total for g in [*GROUPS, OTHER]},
         }
     return result
@@ -124,9 +124,9 @@ def render(result: Dict[str, Any], header: str) -> str:
              "|---|---|---|" + "---|" * len(names)]
     for call, r in result.items():
         shares = " | ".join(f"{100 * r['share'][g]:.0f} %" for g in names)
-        lines.append(f"| {call} | {r['ms_per_call']:.1f} | {r['map_evals']:.0f} | {shares} |")
+        lines.append(f"| {call} | {r['ms_per_call']:.1f} | {r['solver_steps']:.0f} | {shares} |")
     solve = result["no-grad solve"]
-    lines += ["", f"One no-grad solver step: {solve['ms_per_call'] / max(solve['map_evals'], 1):.1f} ms; "
+    lines += ["", f"One no-grad solver step: {solve['ms_per_call'] / max(solve['solver_steps'], 1):.1f} ms; "
                   f"matrix products are {100 * solve['share']['matrix products']:.0f} % of the solve "
                   "(the part a fused elementwise kernel cannot shorten)."]
     return "\n".join(lines)

@@ -26,7 +26,7 @@ def test_profile_runs_at_tiny_shapes_and_reports_shares(capsys):
     result = fp.profile(fusion, xs, steps=1, jac_weight=0.1)
     for call in ("no-grad solve", "training step"):
         r = result[call]
-        assert r["map_evals"] == 3                     # f_tol=0: every step of the budget runs
+        assert r["solver_steps"] == 3                     # f_tol=0: every step of the budget runs
         assert r["ms_per_call"] > 0
         assert sum(r["share"].values()) == pytest.approx(1.0)
         assert r["share"]["matrix products"] > 0
